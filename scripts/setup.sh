@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv and install the package with its test extras. torch is pinned to
+# 2.13.0 (pyproject.toml): pip takes the CPU build when one is available locally,
+# instead of pulling a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -c "import torch, sqs; print('sqs', sqs.__version__, 'torch', torch.__version__)"

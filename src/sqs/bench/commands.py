@@ -1,0 +1,55 @@
+"""`sqs bench ops` and `sqs bench glu`."""
+
+from __future__ import annotations
+
+import itertools
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "float64": "float64"}
+
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def _ops(args) -> int:
+    from sqs.bench.ops import bench_ops, format_ops_table
+
+    dtype = _dtype(args.dtype)
+    for numel in args.numel:
+        res = bench_ops(numel=numel, reps=args.reps, dtype=dtype)
+        print(format_ops_table(res, numel, dtype))
+        print()
+    return 0
+
+
+def _glu(args) -> int:
+    from tqdm import tqdm
+
+    from sqs.bench.ops import bench_glu, format_glu_table
+
+    dtype = _dtype(args.dtype)
+    cells = list(itertools.product(args.batch, args.width))
+    grid = {}
+    for b, w in tqdm(cells, desc="glu grid", unit="cell"):
+        grid[(b, w)] = bench_glu(b, w, reps=args.reps, dtype=dtype)
+    print(format_glu_table(grid))
+    return 0
+
+
+def register(sub, groups) -> None:
+    p = groups["bench"].add_parser("ops", help="gate op forward+backward time and peak memory, ratios to eager SwiGLU")
+    p.add_argument("--numel", type=int, nargs="+", default=[8 * 2**20], help="elements per tensor (default 8M)")
+    p.add_argument("--reps", type=int, default=10, help="timed repetitions per variant (median reported; >= 10)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.set_defaults(func=_ops)
+
+    p = groups["bench"].add_parser("glu", help="the paper's App. C grid: 1-layer GLU forward+backward, all gates")
+    p.add_argument("--batch", type=int, nargs="+", default=[256, 512, 1024],
+                   help="batch sizes (paper: 256 512 1024 2048; CPU default a subset)")
+    p.add_argument("--width", type=int, nargs="+", default=[256, 512, 1024],
+                   help="widths (paper: 256 512 1024 2048; CPU default a subset)")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.set_defaults(func=_glu)

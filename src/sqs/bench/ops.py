@@ -1,0 +1,149 @@
+"""Forward+backward time and peak memory of the gate op and of a 1-layer GLU."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from sqs.functional import gate_fn, sqs_reference
+from sqs.ops import sqs_glu
+
+# name -> y = f(w, v); "swiglu" is the baseline every ratio refers to.
+OP_VARIANTS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "swiglu": lambda w, v: w * F.silu(v),
+    "relu": lambda w, v: w * F.relu(v),
+    "gelu": lambda w, v: w * F.gelu(v),
+    "bilinear": lambda w, v: w * v,
+    "sqs-eager": lambda w, v: w * sqs_reference(v),
+    "sqs-fused": lambda w, v: sqs_glu(w, v),
+}
+
+
+@dataclass
+class BenchResult:
+    name: str
+    median_s: float
+    peak_bytes: int | None
+
+
+def _peak_bytes(fn: Callable[[], None]) -> int | None:
+    """Peak bytes allocated above the starting level while `fn` runs.
+
+    CPU tensors have no `max_memory_allocated`; the profiler's allocation events
+    carry the allocator's running total, whose maximum is the peak.
+    """
+    try:
+        from torch._C._profiler import _ExtraFields_Allocation
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        allocs = []
+        stack = list(prof.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            node = stack.pop()
+            if isinstance(node.extra_fields, _ExtraFields_Allocation):
+                allocs.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.total_allocated))
+            stack.extend(node.children)
+    except Exception:  # profiler internals differ across versions: report n/a, never a wrong number
+        return None
+    if not allocs:
+        return 0
+    allocs.sort()
+    base = allocs[0][2] - allocs[0][1]
+    return max(total for _, _, total in allocs) - base
+
+
+def time_interleaved(fns: dict[str, Callable[[], None]], reps: int = 10, warmup: int = 2) -> dict[str, list[float]]:
+    """Run every function `warmup` times, then `reps` rounds of one call each, in turn."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def _fwd_bwd(op, w, v, g) -> Callable[[], None]:
+    def run():
+        wr, vr = w.detach().requires_grad_(), v.detach().requires_grad_()
+        op(wr, vr).backward(g)
+    return run
+
+
+def bench_ops(numel: int = 8 * 2**20, reps: int = 10, dtype: torch.dtype = torch.float32,
+              variants: list[str] | None = None) -> list[BenchResult]:
+    names = variants or list(OP_VARIANTS)
+    cols = 1024
+    rows = max(1, numel // cols)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(rows, cols, generator=gen, dtype=dtype)
+    v = torch.randn(rows, cols, generator=gen, dtype=dtype)
+    g = torch.randn(rows, cols, generator=gen, dtype=dtype)
+    fns = {n: _fwd_bwd(OP_VARIANTS[n], w, v, g) for n in names}
+    times = time_interleaved(fns, reps=reps)
+    return [BenchResult(n, statistics.median(times[n]), _peak_bytes(fns[n])) for n in names]
+
+
+def _glu_step(gate: str, fused: bool, x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> Callable[[], None]:
+    act = gate_fn(gate) if gate != "sqs" else None
+
+    def run():
+        a, b = w_in.detach().requires_grad_(), w_out.detach().requires_grad_()
+        h = x @ a.T
+        w, v = h.chunk(2, -1)
+        if gate == "sqs":
+            z = sqs_glu(w, v) if fused else w * sqs_reference(v)
+        else:
+            z = w * act(v)
+        (z @ b.T).sum().backward()
+    return run
+
+
+GLU_VARIANTS = {  # name -> (gate, fused)
+    "swiglu": ("silu", False), "relu": ("relu", False), "gelu": ("gelu", False),
+    "bilinear": ("identity", False), "sqs-eager": ("sqs", False), "sqs-fused": ("sqs", True),
+}
+
+
+def bench_glu(batch: int, width: int, reps: int = 10, dtype: torch.dtype = torch.float32) -> list[BenchResult]:
+    """1-layer GLU, matmuls included: x (batch, width) -> [W;V] (2w) -> gate -> P (width)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, width, generator=gen, dtype=dtype)
+    w_in = torch.randn(2 * width, width, generator=gen, dtype=dtype) / width**0.5
+    w_out = torch.randn(width, width, generator=gen, dtype=dtype) / width**0.5
+    fns = {n: _glu_step(g, f, x, w_in, w_out) for n, (g, f) in GLU_VARIANTS.items()}
+    times = time_interleaved(fns, reps=reps)
+    return [BenchResult(n, statistics.median(times[n]), None) for n in GLU_VARIANTS]
+
+
+def format_ops_table(results: list[BenchResult], numel: int, dtype: torch.dtype) -> str:
+    base = next(r for r in results if r.name == "swiglu")
+    lines = [f"gate op forward+backward, {numel:,} elements, {str(dtype).replace('torch.', '')}, "
+             f"{torch.get_num_threads()} threads, median of the interleaved repetitions",
+             "", "| variant | time (ms) | time / swiglu | peak mem (MiB) | mem / swiglu |", "|---|---|---|---|---|"]
+    for r in results:
+        mem = f"{r.peak_bytes / 2**20:.1f}" if r.peak_bytes is not None else "n/a"
+        mr = f"{r.peak_bytes / base.peak_bytes:.2f}" if r.peak_bytes and base.peak_bytes else "n/a"
+        lines.append(f"| {r.name} | {r.median_s * 1e3:.2f} | {r.median_s / base.median_s:.2f} | {mem} | {mr} |")
+    return "\n".join(lines)
+
+
+def format_glu_table(grid: dict[tuple[int, int], list[BenchResult]]) -> str:
+    names = list(GLU_VARIANTS)
+    lines = ["1-layer GLU forward+backward (matmuls included): time in ms, (ratio to swiglu)", "",
+             "| batch | width | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    for (b, w), res in grid.items():
+        base = next(r for r in res if r.name == "swiglu").median_s
+        cells = [f"{r.median_s * 1e3:.2f} ({r.median_s / base:.2f})" for r in res]
+        lines.append(f"| {b} | {w} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Datasets: IDX images (MNIST, Fashion-MNIST) and TinyStories text."""

@@ -1,0 +1,1 @@
+"""Models built from `sqs.nn.GLU`: one readable module per model."""

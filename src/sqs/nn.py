@@ -1,0 +1,78 @@
+"""Thin nn.Module wrappers over `sqs.functional` and `sqs.ops`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sqs.functional import DEFAULT_C, DEFAULT_LAM, DEFAULT_P, canonical_gate, check_sqs_params, gate_fn, glu, sqs
+
+
+class SQS(nn.Module):
+    """The SQS gate as an activation module.
+
+    Drop-in wherever a library takes an activation module, e.g. the `act_fn` of a
+    Llama-style gated MLP `down(act(gate(x)) * up(x))`. (There the product with
+    `up(x)` happens outside the module, so the fused op is not used; `GLU` below
+    fuses it.)
+    """
+
+    def __init__(self, c: float = DEFAULT_C, lam: float = DEFAULT_LAM, p: float = DEFAULT_P):
+        super().__init__()
+        check_sqs_params(c, lam, p)
+        self.c, self.lam, self.p = float(c), float(lam), float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sqs(x, self.c, self.lam, self.p)
+
+    def extra_repr(self) -> str:
+        return f"c={self.c}, lam={self.lam}, p={self.p}"
+
+
+class GLU(nn.Module):
+    """y = P[(W x) * gate(V x)] with W and V in one fused input projection.
+
+    `d_out=None` means no output projection (the layer returns the d_hidden gated
+    product; `P` is then None). W and V are stacked as rows [W; V] of `proj.weight`,
+    so one matmul produces both and `chunk(2, -1)` splits them without a copy.
+    """
+
+    def __init__(self, d_in: int, d_hidden: int, d_out: int | None = None, gate: str = "sqs",
+                 bias: bool = False, **gate_kwargs):
+        super().__init__()
+        for name, val in (("d_in", d_in), ("d_hidden", d_hidden)):
+            if not isinstance(val, int) or val <= 0:
+                raise ValueError(f"GLU: `{name}` must be a positive int, got {val!r}")
+        if d_out is not None and (not isinstance(d_out, int) or d_out <= 0):
+            raise ValueError(f"GLU: `d_out` must be a positive int or None, got {d_out!r}")
+        self.gate = canonical_gate(gate)
+        gate_fn(self.gate, **gate_kwargs)  # validates the kwargs now, not at first forward
+        self.gate_kwargs = dict(gate_kwargs)
+        self.d_in, self.d_hidden, self.d_out = d_in, d_hidden, d_out
+        self.proj = nn.Linear(d_in, 2 * d_hidden, bias=bias)
+        self.out = nn.Linear(d_hidden, d_out, bias=bias) if d_out is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, v = self.proj(x).chunk(2, dim=-1)
+        h = glu(w, v, self.gate, **self.gate_kwargs)
+        return self.out(h) if self.out is not None else h
+
+    # Weights as plain tensors for analysis (detached; no autograd graph).
+    @property
+    def W(self) -> torch.Tensor:
+        """(d_hidden, d_in): the linear branch."""
+        return self.proj.weight[: self.d_hidden].detach()
+
+    @property
+    def V(self) -> torch.Tensor:
+        """(d_hidden, d_in): the gated branch."""
+        return self.proj.weight[self.d_hidden :].detach()
+
+    @property
+    def P(self) -> torch.Tensor | None:
+        """(d_out, d_hidden): the output projection, or None."""
+        return self.out.weight.detach() if self.out is not None else None
+
+    def extra_repr(self) -> str:
+        kw = "".join(f", {k}={v}" for k, v in self.gate_kwargs.items())
+        return f"gate={self.gate!r}{kw}"
