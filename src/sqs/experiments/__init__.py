@@ -1,0 +1,1 @@
+"""Paper experiments end to end: configs in, results/ out."""

@@ -1,0 +1,1 @@
+"""Training: one trainer (run directories, resume, DDP) and safetensors checkpoints."""
