@@ -11,4 +11,9 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[test]"
+# Optional: triton lets the test suite run the GPU kernel under Triton's CPU
+# interpreter. Nothing needs it; skip quietly where it cannot be installed.
+if [ "${SQS_SKIP_TRITON:-0}" != "1" ]; then
+  .venv/bin/python -m pip install -q triton >/dev/null 2>&1 || echo "setup: triton not installed (optional; its tests will skip)"
+fi
 .venv/bin/python -c "import torch, sqs; print('sqs', sqs.__version__, 'torch', torch.__version__)"

@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 import sqs
 from sqs import functional as SF
 from sqs.ops import sqs_glu
-from sqs.ops import sqs_glu as ops_mod  # noqa: F401
 
 PARAMS = [  # (c, lam, p): the paper's default, the SPEC's edge cases
     (0.01, 0.5, 1.0),
