@@ -1,0 +1,346 @@
+"""Weight spectra: read a 1-layer GLU classifier's features from its weights.
+
+The model (`sqs.models.image.ImageClassifier`, one layer, no residual, no norm):
+
+    x        = E img                                   E: (d, 784) embedding
+    logit_a  = sum_i (H P)_ai (w_i . x) * gate(v_i . x) H: (C, d) head, P: (d, h)
+
+For the identity gate (the bilinear MLP) every logit is a quadratic form
+
+    logit_a  = x^T B_a x,     B_a = sum_i (H P)_ai w_i v_i^T        (1)
+
+and only the symmetric part of B_a counts (x^T A x = 0 for antisymmetric A), so
+B_a := (B_a + B_a^T) / 2 and `eigh` gives
+
+    B_a = sum_k lam_ak q_ak q_ak^T,   logit_a = sum_k lam_ak (q_ak . x)^2          (2)
+
+The q_ak live in the d-dim embedding space; as functions of the image,
+q_ak . x = (E^T q_ak) . img, so u_ak = E^T q_ak is the eigenvector read in pixel
+space (the 28x28 picture). (2) holds exactly with the raw u_ak; for display we
+also keep u_ak / |u_ak|. Note that the u_ak are not orthogonal in pixel space
+unless E has orthonormal rows; eigenvalues are those of B_a in embedding space.
+
+For SQS the gate is sqs(v) ~ v for c << |v| << 1/lam, so (1) read with the gate
+treated as identity is a *first-order* reading, not an identity: `fidelity`
+measures how much of the model it reproduces. ReLU/GELU/SiLU gates have no such
+reading (relu(v) is not ~ v anywhere useful), so `decompose` refuses them unless
+`force=True`. Models with more than one layer are not quadratic forms and are
+refused outright.
+
+Conventions: eigenvalues per class sorted by |lam| descending; eigenvectors are
+stored as rows (`eigenvectors[a, k]` is q_ak); each eigenvector's sign is fixed
+so that its largest-magnitude pixel (in pixel space) is positive; the quadratic
+form and |cosine| do not depend on that sign. All analysis runs in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from sqs.functional import DEFAULT_C, DEFAULT_LAM, canonical_gate
+
+EXACT_READING = "exact (bilinear)"
+FIRST_ORDER_READING = "first-order (gate treated as identity)"
+UNSUPPORTED_GATES = ("relu", "gelu", "silu")
+DEFAULT_KS = (1, 2, 5, 10, None)  # None = all eigenvectors
+
+
+class UnsupportedGate(ValueError):
+    """The gate has no quadratic-form reading (ReLU, GELU, SiLU); pass force=True to read it anyway."""
+
+
+class NotQuadratic(ValueError):
+    """The model's logits are not a quadratic form of its embedded input (more than one layer)."""
+
+
+# --------------------------------------------------------------------------- the math
+
+
+def interaction_matrices(W: torch.Tensor, V: torch.Tensor, P_eff: torch.Tensor) -> torch.Tensor:
+    """B (C, d, d), symmetrised: B_a = sym(sum_i P_eff[a, i] w_i v_i^T).
+
+    W, V: (h, d) rows w_i, v_i; P_eff: (C, h), the head composed with the GLU's
+    output projection (H @ P).
+    """
+    B = torch.einsum("ai,ij,ik->ajk", P_eff, W, V)
+    return 0.5 * (B + B.transpose(-1, -2))
+
+
+def eig_sorted(B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (C, d) sorted by |lam| descending and eigenvectors as rows (C, d, d)."""
+    lam, Q = torch.linalg.eigh(B)  # Q[a, :, k] is the k-th eigenvector
+    order = lam.abs().argsort(dim=-1, descending=True)
+    lam = lam.gather(-1, order)
+    Q = Q.transpose(-1, -2).gather(-2, order[..., None].expand(*order.shape, Q.shape[-1]))
+    return lam, Q
+
+
+def quadratic_form(B: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x^T B_a x for every class: x (N, d) -> (N, C)."""
+    return torch.einsum("nj,ajk,nk->na", x, B, x)
+
+
+# --------------------------------------------------------------------------- decomposition
+
+
+@dataclass
+class Decomposition:
+    eigenvalues: torch.Tensor  # (C, d), sorted by |lam| descending per class
+    eigenvectors: torch.Tensor  # (C, d, d), rows q_ak in embedding space
+    pixel_raw: torch.Tensor  # (C, d, n_pixels), u_ak = E^T q_ak (exact: q.x = u.img)
+    pixel: torch.Tensor  # (C, d, n_pixels), u_ak / |u_ak|, for display and cosines
+    embed: torch.Tensor  # (d, n_pixels) E, to embed images
+    B: torch.Tensor  # (C, d, d) symmetrised interaction matrices
+    gate: str
+    exact: bool
+    reading: str
+    gate_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def n_classes(self) -> int:
+        return self.eigenvalues.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.eigenvalues.shape[1]
+
+    @property
+    def label(self) -> str:
+        """Short name for titles: e.g. "Bilinear (exact)" or "SQS (first-order reading)"."""
+        name = {"identity": "Bilinear", "sqs": "SQS"}.get(self.gate, self.gate.upper())
+        return f"{name} ({'exact' if self.exact else 'first-order reading'})"
+
+    def embed_images(self, img: torch.Tensor) -> torch.Tensor:
+        """Images (N, n_pixels) or (n_pixels,) -> embedded x = E img in float64."""
+        img = torch.as_tensor(img).to(torch.float64)
+        return img.reshape(-1, self.embed.shape[1]) @ self.embed.T
+
+    def to_dict(self, top: int = 10) -> dict:
+        """JSON-friendly summary (eigenvalues, their share of sum |lam|)."""
+        absl = self.eigenvalues.abs()
+        share = absl / absl.sum(-1, keepdim=True)
+        return {
+            "gate": self.gate, "gate_kwargs": self.gate_kwargs, "exact": self.exact, "reading": self.reading,
+            "n_classes": self.n_classes, "rank": self.rank,
+            "eigenvalues_top": self.eigenvalues[:, :top].tolist(),
+            "abs_share_top": share[:, :top].tolist(),
+            "n_positive": (self.eigenvalues > 0).sum(-1).tolist(),
+        }
+
+
+def _glu_layer(model):
+    layers = getattr(model, "layers", None)
+    if layers is None or not hasattr(model, "embed") or not hasattr(model, "head"):
+        raise TypeError("decompose: expected an ImageClassifier-like model with `embed`, `layers` and `head`")
+    if len(layers) != 1:
+        raise NotQuadratic(
+            f"decompose: the model has {len(layers)} GLU layers; only a 1-layer model (no residual, no norm) is a "
+            "quadratic form of its input. Train with n_layers = 1 (the Sec. 4.1 config).")
+    norms = getattr(model, "norms", None)
+    if getattr(model, "residual", False) or (norms is not None and any(not isinstance(n, torch.nn.Identity)
+                                                                       for n in norms)):
+        raise NotQuadratic("decompose: the layer has a residual or a norm, so logits are not a quadratic form")
+    layer = layers[0]
+    if getattr(layer, "P", None) is None:
+        raise NotQuadratic("decompose: the GLU has no output projection P")
+    if getattr(getattr(layer, "proj", None), "bias", None) is not None or \
+            getattr(getattr(layer, "out", None), "bias", None) is not None or model.head.bias is not None or \
+            model.embed.bias is not None:
+        raise NotQuadratic("decompose: biases make the logits a general quadratic, not a quadratic form; "
+                           "train without biases (the Sec. 4.1 config)")
+    return layer
+
+
+def gate_reading(gate: str, gate_kwargs: dict | None = None, force: bool = False) -> tuple[bool, str]:
+    """(exact, reading label) for a gate; raises UnsupportedGate for relu/gelu/silu unless force."""
+    gate = canonical_gate(gate)
+    kw = gate_kwargs or {}
+    if gate == "identity":
+        return True, EXACT_READING
+    if gate == "sqs":
+        if kw.get("c", DEFAULT_C) == 0 and kw.get("lam", DEFAULT_LAM) == 0:
+            return True, EXACT_READING  # sqs with c = lam = 0 is the identity gate
+        return False, FIRST_ORDER_READING
+    if not force:
+        raise UnsupportedGate(
+            f"decompose: a {gate!r}-gated GLU is not a quadratic form and has no first-order bilinear reading "
+            f"({gate}(v) is not ~ v); eigenvectors of its weights would not describe the model. "
+            "Only identity (bilinear) and sqs gates are supported; pass force=True (--force) to compute them anyway.")
+    return False, f"forced ({gate} gate treated as identity; not a faithful reading)"
+
+
+@torch.no_grad()
+def decompose(model, force: bool = False) -> Decomposition:
+    """Eigendecompose a 1-layer GLU classifier's per-class interaction matrices."""
+    layer = _glu_layer(model)
+    exact, reading = gate_reading(layer.gate, getattr(layer, "gate_kwargs", {}), force=force)
+    f64 = torch.float64
+    W, V, P = layer.W.to(f64).cpu(), layer.V.to(f64).cpu(), layer.P.to(f64).cpu()
+    H = model.head.weight.detach().to(f64).cpu()
+    E = model.embed.weight.detach().to(f64).cpu()
+
+    P_eff = H @ P  # (C, h)
+    B = interaction_matrices(W, V, P_eff)  # (C, d, d)
+    lam, Q = eig_sorted(B)  # (C, d), (C, d, d)
+    U = torch.einsum("akd,dp->akp", Q, E)  # pixel space: u_ak = E^T q_ak
+
+    # Fix each eigenvector's sign: largest-magnitude pixel positive.
+    idx = U.abs().argmax(-1, keepdim=True)
+    sign = torch.sign(U.gather(-1, idx))
+    sign[sign == 0] = 1.0
+    Q, U = Q * sign, U * sign
+    U_unit = U / U.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    return Decomposition(eigenvalues=lam, eigenvectors=Q, pixel_raw=U, pixel=U_unit, embed=E, B=B,
+                         gate=canonical_gate(layer.gate), exact=exact, reading=reading,
+                         gate_kwargs=dict(getattr(layer, "gate_kwargs", {})))
+
+
+# --------------------------------------------------------------------------- reading inputs
+
+
+def _topk(dec: Decomposition, k: int | None) -> int:
+    if k is None:
+        return dec.rank
+    if k < 1:
+        raise ValueError(f"k must be >= 1 or None (all), got {k}")
+    return min(int(k), dec.rank)
+
+
+def surrogate_terms(dec: Decomposition, x_embedded: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """lam_ai (q_ai . x)^2 for the top-k eigenvectors: x (N, d) -> (N, C, k)."""
+    k = _topk(dec, k)
+    x = torch.as_tensor(x_embedded).to(torch.float64).reshape(-1, dec.rank)
+    proj = torch.einsum("aid,nd->nai", dec.eigenvectors[:, :k], x)  # q_ai . x
+    return dec.eigenvalues[:, :k] * proj**2
+
+
+def surrogate_logits(dec: Decomposition, x_embedded: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """sum_{i<k} lam_ai (q_ai . x)^2 per class: x (N, d) -> (N, C). k=None uses all."""
+    return surrogate_terms(dec, x_embedded, k).sum(-1)
+
+
+def contributions(dec: Decomposition, img: torch.Tensor) -> torch.Tensor:
+    """Explanation of one input: (C, d) with [a, i] = lam_ai (q_ai . E img)^2.
+
+    Row a sums to the surrogate logit of class a; columns follow the |lam| order.
+    """
+    x = dec.embed_images(img)
+    if x.shape[0] != 1:
+        raise ValueError(f"contributions: expected one image, got {x.shape[0]}")
+    proj = torch.einsum("aid,d->ai", dec.eigenvectors, x[0])
+    return dec.eigenvalues * proj**2
+
+
+def cosine_per_rank(dec_a: Decomposition, dec_b: Decomposition, space: str = "pixel") -> torch.Tensor:
+    """|cos| between the eigenvectors of equal rank, per class: (C, min(d_a, d_b)).
+
+    Default `space="pixel"`: two separately trained models have different
+    embeddings E, so their embedding-space eigenvectors live in unrelated bases;
+    only the pixel-space pictures u = E^T q are comparable. `space="embedding"`
+    is meaningful only for models sharing one embedding (or a model with itself).
+    """
+    if dec_a.n_classes != dec_b.n_classes:
+        raise ValueError(f"cosine_per_rank: {dec_a.n_classes} vs {dec_b.n_classes} classes")
+    r = min(dec_a.rank, dec_b.rank)
+    if space == "pixel":
+        a, b = dec_a.pixel[:, :r], dec_b.pixel[:, :r]
+    elif space == "embedding":
+        if dec_a.rank != dec_b.rank:
+            raise ValueError("cosine_per_rank: embedding-space comparison needs equal d")
+        a, b = dec_a.eigenvectors[:, :r], dec_b.eigenvectors[:, :r]
+    else:
+        raise ValueError(f"cosine_per_rank: space must be 'pixel' or 'embedding', got {space!r}")
+    cos = torch.einsum("akp,akp->ak", a, b) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-300)
+    return cos.abs()
+
+
+def cosine_best_match(dec_a: Decomposition, dec_b: Decomposition, within: int | None = None) -> torch.Tensor:
+    """(C, r_a): for each eigenvector of A, the largest |cos| (pixel space) with any of B's top-`within`
+    eigenvectors of the same class (all when None). A complement to `cosine_per_rank`: high here but
+    low per rank means the same features with swapped ranks (near-equal |lambda|), not different ones.
+    """
+    b = dec_b.pixel if within is None else dec_b.pixel[:, :within]
+    return torch.einsum("akp,ajp->akj", dec_a.pixel, b).abs().amax(-1)
+
+
+# --------------------------------------------------------------------------- fidelity
+
+
+def r2(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """1 - SS_res / SS_tot over all (input, class) logits, SS_tot about each class's mean."""
+    pred, target = pred.to(torch.float64), target.to(torch.float64)
+    ss_res = ((target - pred) ** 2).sum()
+    ss_tot = ((target - target.mean(0, keepdim=True)) ** 2).sum()
+    return float(1.0 - ss_res / ss_tot.clamp_min(1e-300))
+
+
+@torch.no_grad()
+def model_logits(model, images: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    """The model's own logits (float64, CPU) on images (N, n_pixels)."""
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    out = [model(images[i:i + batch_size].to(dev, dtype)).to(torch.float64).cpu()
+           for i in range(0, images.shape[0], batch_size)]
+    model.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def fidelity(model, dec: Decomposition, images: torch.Tensor, labels: torch.Tensor,
+             ks=DEFAULT_KS) -> dict:
+    """How faithfully the eigen-reading reproduces the model on (images, labels).
+
+    - logit_r2: R^2 of the full surrogate's logits vs the model's (1 for bilinear);
+    - logit_r2_scaled: the same after the best single scale factor (argmax does
+      not care about scale; the first-order SQS reading overestimates |logits|);
+    - model_acc, surrogate_acc, agreement (surrogate argmax == model argmax);
+    - truncated[k]: accuracy / agreement / R^2 of the surrogate using the top-k
+      eigenvectors per class, for k in ks ("all" for None).
+    """
+    labels = torch.as_tensor(labels).cpu()
+    z = model_logits(model, images)
+    x = dec.embed_images(images.cpu())
+    model_pred = z.argmax(-1)
+    out = {"n": int(labels.shape[0]), "reading": dec.reading, "exact": dec.exact,
+           "model_acc": float((model_pred == labels).double().mean())}
+    terms = surrogate_terms(dec, x)  # (N, C, d), computed once; top-k logits = sum of the first k terms
+    truncated = {}
+    for k in ks:
+        s = terms[..., :_topk(dec, k)].sum(-1)
+        pred = s.argmax(-1)
+        key = "all" if k is None else str(k)
+        truncated[key] = {"k": dec.rank if k is None else min(k, dec.rank),
+                          "acc": float((pred == labels).double().mean()),
+                          "agreement": float((pred == model_pred).double().mean()),
+                          "logit_r2": r2(s, z)}
+    s = terms.sum(-1)
+    alpha = float((s * z).sum() / (s * s).sum().clamp_min(1e-300))
+    out.update({"surrogate_acc": float((s.argmax(-1) == labels).double().mean()),
+                "agreement": float((s.argmax(-1) == model_pred).double().mean()),
+                "logit_r2": r2(s, z), "logit_r2_scaled": r2(alpha * s, z), "best_scale": alpha,
+                "truncated": truncated})
+    return out
+
+
+def pair_cosines(decs_a: list[Decomposition], decs_b: list[Decomposition] | None = None,
+                 paired: bool = True) -> torch.Tensor:
+    """Stack |cos| per rank over pairs: (n_pairs, C, r).
+
+    decs_b None: all unordered pairs within decs_a (seed-vs-seed baselines).
+    paired=True: decs_a[i] vs decs_b[i] (same seed); False: every i != j cross pair.
+    """
+    if decs_b is None:
+        pairs = [(decs_a[i], decs_a[j]) for i in range(len(decs_a)) for j in range(i + 1, len(decs_a))]
+    elif paired:
+        if len(decs_a) != len(decs_b):
+            raise ValueError("pair_cosines: paired lists must have equal length")
+        pairs = list(zip(decs_a, decs_b))
+    else:
+        pairs = [(a, b) for i, a in enumerate(decs_a) for j, b in enumerate(decs_b) if i != j]
+    if not pairs:
+        raise ValueError("pair_cosines: no pairs to compare (need at least two models)")
+    return torch.stack([cosine_per_rank(a, b) for a, b in pairs])
