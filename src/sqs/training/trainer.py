@@ -167,12 +167,14 @@ def prepare_run_dir(run_dir: str | Path, config: dict) -> Path:
 
 
 def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, config: dict | None = None,
-          progress: bool = True, desc: str = "train", stop_after: int | None = None) -> list[dict]:
+          progress: bool = True, desc: str = "train", stop_after: int | None = None,
+          position: int | None = None) -> list[dict]:
     """Train (or resume) a run; returns its metric records.
 
     `config` is the full experiment config stored in config.json (defaults to the
     TrainConfig). `stop_after` ends the process early after that many steps of
-    this call, as if interrupted (tests use it to check resumption).
+    this call, as if interrupted (tests use it to check resumption). `position` is the
+    progress bar's line (tqdm's `position`), for several runs shown at once.
     """
     rank, world = _dist()
     run_dir = Path(run_dir)
@@ -206,7 +208,7 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | P
     ckpt_steps = set(range(cfg.checkpoint_every, cfg.steps + 1, cfg.checkpoint_every)) if cfg.checkpoint_every else evals
     metrics_f = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, unit="step", disable=not progress or rank != 0,
-               dynamic_ncols=True, leave=False)
+               dynamic_ncols=True, leave=False, position=position)
     t_interval, units_interval = time.perf_counter(), 0
 
     def log_eval(step: int) -> None:
