@@ -77,7 +77,7 @@ def test_sqs_gate_trains(tmp_path, data, monkeypatch):
     import importlib
 
     # the eager backend: no compile step in a unit test
-    monkeypatch.setattr(importlib.import_module("sqs.ops.sqs_glu"), "_backend", "eager")
+    monkeypatch.setattr(importlib.import_module("sqs.ops.fused_glu"), "_backend", "eager")
     recs = im.run_image(_cfg(gate="sqs", epochs=2), tmp_path / "run", progress=False, data=data)
     assert recs[-1]["test_loss"] < recs[0]["test_loss"]
 

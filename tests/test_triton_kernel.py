@@ -143,7 +143,7 @@ def _interpreter_main() -> int:
 
     from sqs.ops import triton_sqs_glu as K
 
-    ops_mod = importlib.import_module("sqs.ops.sqs_glu")  # the module (sqs.ops.sqs_glu is also a function name)
+    ops_mod = importlib.import_module("sqs.ops.fused_glu")  # the module (sqs.ops.sqs_glu is the function)
     t0 = time.perf_counter()
     errs = []
     for case in CASES:
@@ -203,7 +203,7 @@ def test_module_imports_without_triton():
         assert K.available() is False
         assert K.triton is None and "triton" in K._TRITON_IMPORT_ERROR
         import importlib
-        ops = importlib.import_module("sqs.ops.sqs_glu")
+        ops = importlib.import_module("sqs.ops.fused_glu")
         assert "triton" not in ops.available_backends()
         try:
             K.forward(torch.ones(2), torch.ones(2), 0.01, 0.5, 1.0)
@@ -328,7 +328,7 @@ needs_gpu = pytest.mark.skipif(not _gpu_ready(), reason="needs a CUDA device and
 
 @pytest.fixture
 def triton_backend():
-    ops_mod = importlib.import_module("sqs.ops.sqs_glu")
+    ops_mod = importlib.import_module("sqs.ops.fused_glu")
     prev = ops_mod.get_backend()
     ops_mod.set_backend("triton")
     yield ops_mod

@@ -38,7 +38,7 @@ recomputed in backward from the saved w and v, nothing else saved):
   never overwritten, autograd may still need them elsewhere).
 * Offsets are int64: no overflow on tensors past 2^31 elements.
 
-`forward`/`backward` are what `sqs.ops.sqs_glu` calls for CUDA tensors;
+`forward`/`backward` are what `sqs.ops.fused_glu` calls for CUDA tensors;
 `_forward`/`_backward` are the same without the device check, for the Triton
 interpreter (TRITON_INTERPRET=1, CPU tensors) in the tests. Importing this
 module never fails: without triton the kernels are simply not defined and

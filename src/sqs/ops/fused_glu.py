@@ -99,18 +99,39 @@ def _bwd_p1(g, w, v, c, lam):
     return _bwd(g, w, v, c, lam, 1.0)
 
 
+# Variants: 4 dtypes x {contiguous, strided} x {p == 1, general}: well under this.
+_RECOMPILE_LIMIT = 64
+
+
 def _get_compiled(name: str) -> Callable:
     if name not in _compiled:
+        import torch._dynamo
+
+        # Dynamo's default limit (8 recompiles per function) would silently drop us to
+        # eager after a few dtypes and layouts; raise it once (never lower it).
+        cfg = torch._dynamo.config
+        cfg.recompile_limit = max(cfg.recompile_limit, _RECOMPILE_LIMIT)
+        cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * _RECOMPILE_LIMIT)
         fn = {"fwd": _fwd, "bwd": _bwd, "fwd_p1": _fwd_p1, "bwd_p1": _bwd_p1}[name]
         _compiled[name] = torch.compile(fn, dynamic=True, fullgraph=True)
     return _compiled[name]
 
 
+_scalar_cache: dict[tuple, tuple] = {}
+
+
 def _scalars(v: torch.Tensor, c: float, lam: float, p: float) -> tuple:
-    """Hyperparameters as 0-d tensors so a new value does not recompile."""
+    """Hyperparameters as 0-d tensors so a new value does not recompile (cached per value)."""
     cd = _compute_dtype(v.dtype)
-    mk = lambda x: torch.tensor(x, dtype=cd, device=v.device)  # noqa: E731
-    return (mk(c), mk(lam)) if p == 1.0 else (mk(c), mk(lam), mk(p))
+    key = (c, lam, p, cd, v.device)
+    out = _scalar_cache.get(key)
+    if out is None:
+        mk = lambda x: torch.tensor(x, dtype=cd, device=v.device)  # noqa: E731
+        out = (mk(c), mk(lam)) if p == 1.0 else (mk(c), mk(lam), mk(p))
+        if len(_scalar_cache) > 256:
+            _scalar_cache.clear()
+        _scalar_cache[key] = out
+    return out
 
 
 def _as_2d(t: torch.Tensor) -> torch.Tensor:
@@ -124,21 +145,13 @@ def _as_2d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(1, -1) if t.dim() < 2 else t.reshape(-1, t.shape[-1])
 
 
-# Variants: 4 dtypes x {contiguous, strided} x {grad of w only, ...}: well under this.
-_RECOMPILE_LIMIT = 64
-
-
 def _run_compiled(kind: str, tensors: tuple, c: float, lam: float, p: float):
     global _compile_failed
     name = kind + ("_p1" if p == 1.0 else "")
     shape = tensors[-1].shape
     flat = tuple(_as_2d(t) for t in tensors)
     try:
-        import torch._dynamo
-
-        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT,
-                                        accumulated_recompile_limit=max(256, _RECOMPILE_LIMIT)):
-            out = _get_compiled(name)(*flat, *_scalars(flat[-1], c, lam, p))
+        out = _get_compiled(name)(*flat, *_scalars(flat[-1], c, lam, p))
     except Exception as e:  # no C++ compiler, unsupported platform, ...
         _compile_failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         warnings.warn(
