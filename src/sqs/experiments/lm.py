@@ -705,7 +705,7 @@ def _plot_curves(rows, path: Path, cfg) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sqs.io import atomic_write
+    from sqs.io import save_figure
 
     colors = {"relu": "tab:blue", "gelu": "tab:orange", "silu": "tab:green", "identity": "tab:purple",
               "sqs": "tab:red"}
@@ -734,8 +734,7 @@ def _plot_curves(rows, path: Path, cfg) -> None:
     if cfg is not None:
         fig.suptitle(f"TinyStories, config {cfg.name}: one line per gate (dashed: extra seeds)")
     fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _samples_md(root: Path, runs, prompts, max_new_tokens: int, cache_dir) -> str:

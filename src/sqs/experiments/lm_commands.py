@@ -105,9 +105,9 @@ def _experiment(args) -> int:
 
 
 def register(sub, groups) -> None:
-    from sqs.functional import GATES
+    from sqs.functional import GATE_ALIASES, GATES
 
-    gate_choices = list(GATES) + ["bilinear", "swiglu"]
+    gate_choices = list(GATES) + list(GATE_ALIASES)
 
     p = groups["train"].add_parser(
         "lm", help="train one TinyStories language model (one gate, one seed)",

@@ -37,7 +37,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from sqs.io import atomic_write, write_json, write_text
+from sqs.io import atomic_write, read_jsonl, save_figure, write_json, write_text
 
 GATE_ORDER = ("relu", "gelu", "silu", "identity", "sqs")
 GATE_LABEL = {"relu": "ReLU", "gelu": "GELU", "silu": "SwiGLU", "identity": "Bilinear", "sqs": "SQS"}
@@ -608,22 +608,12 @@ def plot_curves(s: dict, ds: str, path: Path) -> Path:
         ax.legend(fontsize=8)
     fig.suptitle(f"{DATASET_LABEL.get(ds, ds)}: test loss and accuracy vs iteration (mean over seeds, min–max band)")
     fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
 def read_grid_log(runs_dir: str | Path) -> list[dict]:
-    path = Path(runs_dir) / "grid_log.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
+    return read_jsonl(Path(runs_dir) / "grid_log.jsonl")
 
 
 def write_report(runs_dir: str | Path, out_dir: str | Path) -> dict[str, Path]:

@@ -287,7 +287,7 @@ def _f(v, nd=3):
 
 
 def summary_markdown(summary: dict, figures: dict | None = None) -> str:
-    from sqs.interp.report import fidelity_table, mean_std
+    from sqs.interp.report import mean_std
 
     L = ["# Weight spectra: Bilinear vs SQS (Sec. 4.1, App. B)", ""]
     L.append(f"1-layer GLU classifiers, {summary['seeds']} seeds per gate and dataset, {summary['epochs']} epochs "

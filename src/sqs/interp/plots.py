@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from sqs.interp.spectra import Decomposition, contributions  # noqa: E402
+from sqs.io import save_figure  # noqa: E402
 
 CMAP = "RdBu_r"
 CLASS_NAMES = {
@@ -44,11 +45,7 @@ def _img(ax, u: torch.Tensor | np.ndarray, title: str | None = None, fontsize: i
 
 
 def save(fig, path: str | Path, dpi: int | None = None) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi or DPI, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=dpi or DPI, bbox_inches="tight")
 
 
 def plot_spectrum(dec: Decomposition, classes=None, top: int = 30, dataset: str | None = None,

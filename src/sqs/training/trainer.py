@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,7 +37,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from sqs.io import write_json
+from sqs.io import read_jsonl, write_json
 from sqs.training.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -131,18 +130,7 @@ def _dist() -> tuple[int, int]:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut by a crash: everything before it is good
-    return out
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")
 
 
 def is_complete(run_dir: str | Path) -> bool:
