@@ -17,11 +17,29 @@ def _ops(args) -> int:
     from sqs.bench.ops import bench_ops, format_ops_table
 
     dtype = _dtype(args.dtype)
+    tables = []
     for numel in args.numel:
         res = bench_ops(numel=numel, reps=args.reps, dtype=dtype)
-        print(format_ops_table(res, numel, dtype))
-        print()
+        tables.append(format_ops_table(res, numel, dtype))
+        print(tables[-1] + "\n", flush=True)
+    _write(args.out, "sqs bench ops", tables)
     return 0
+
+
+def _write(out: str | None, title: str, tables: list[str]) -> None:
+    """Also keep the printed tables as a markdown file (with the machine they ran on)."""
+    if not out:
+        return
+    import platform
+
+    import torch
+
+    from sqs.io import write_text
+
+    head = (f"# `{title}`\n\nMeasured {__import__('datetime').datetime.now():%Y-%m-%d %H:%M} on "
+            f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+            "all variants interleaved round-robin in one run, medians.\n\n")
+    write_text(out, head + "\n\n".join(tables) + "\n")
 
 
 def _glu(args) -> int:
@@ -34,7 +52,9 @@ def _glu(args) -> int:
     grid = {}
     for b, w in tqdm(cells, desc="glu grid", unit="cell"):
         grid[(b, w)] = bench_glu(b, w, reps=args.reps, dtype=dtype)
-    print(format_glu_table(grid))
+    table = format_glu_table(grid)
+    print(table)
+    _write(args.out, "sqs bench glu", [table])
     return 0
 
 
@@ -43,6 +63,7 @@ def register(sub, groups) -> None:
     p.add_argument("--numel", type=int, nargs="+", default=[8 * 2**20], help="elements per tensor (default 8M)")
     p.add_argument("--reps", type=int, default=10, help="timed repetitions per variant (median reported; >= 10)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--out", help="also write the table(s) to this markdown file")
     p.set_defaults(func=_ops)
 
     p = groups["bench"].add_parser("glu", help="the paper's App. C grid: 1-layer GLU forward+backward, all gates")
@@ -52,4 +73,5 @@ def register(sub, groups) -> None:
                    help="widths (paper: 256 512 1024 2048; CPU default a subset)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--out", help="also write the table to this markdown file")
     p.set_defaults(func=_glu)

@@ -1,0 +1,19 @@
+"""The benchmark commands run end to end and report every variant against SwiGLU."""
+
+from sqs.cli import main
+
+
+def test_bench_ops_prints_ratios_for_every_variant(capsys, tmp_path):
+    out = tmp_path / "ops.md"
+    assert main(["bench", "ops", "--numel", "4096", "--reps", "2", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    for name in ("swiglu", "relu", "gelu", "bilinear", "sqs-eager", "sqs-fused"):
+        assert f"| {name} |" in text
+    assert "| swiglu | " in text and " | 1.00 | " in text  # the baseline's own ratio
+    assert out.read_text().count("| sqs-fused |") == 1
+
+
+def test_bench_glu_grid_table(capsys):
+    assert main(["bench", "glu", "--batch", "8", "--width", "16", "32", "--reps", "2"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| 8 |")]
+    assert len(lines) == 2 and all("(1.00)" in ln for ln in lines)
