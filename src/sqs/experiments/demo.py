@@ -17,19 +17,17 @@ from pathlib import Path
 def run_demo(out: str | Path = "report", runs_dir: str | Path = "runs/demo", dataset: str = "mnist",
              epochs: int = 20, seed: int = 0, data_dir: str | None = None, cache_dir: str | None = None) -> dict:
     from sqs.data import images
-    from sqs.experiments import image as pipeline
+    from sqs.interp.commands import run_dir_for, train_one
     from sqs.interp.report import write_report
 
     t0 = time.perf_counter()
     if data_dir is None:
         images.fetch(dataset, cache_dir=cache_dir)
     run_dirs = {}
-    for gate in ("bilinear", "sqs"):
-        cfg = pipeline.load_config("sec41", overrides={"dataset": dataset, "model.gate": gate, "seed": seed,
-                                                       "epochs": epochs})
-        run_dirs[gate] = Path(runs_dir) / dataset / f"{gate}-seed{seed}"
+    for gate in ("bilinear", "sqs"):  # the same Sec. 4.1 runs as `sqs experiment spectra`
+        run_dirs[gate] = run_dir_for(runs_dir, dataset, gate, seed)
         print(f"demo: training 1-layer {gate} on {dataset} ({epochs} epochs) -> {run_dirs[gate]}", flush=True)
-        pipeline.run_image(cfg, run_dirs[gate], data_dir=data_dir, cache_dir=cache_dir)
+        train_one(dataset, gate, seed, epochs, run_dirs[gate], data_dir=data_dir, cache_dir=cache_dir)
     print("demo: decomposing and writing the report", flush=True)
     paths = write_report(run_dirs, out, dataset=dataset, data_dir=data_dir)
     print(f"demo: done in {time.perf_counter() - t0:.0f} s; open {paths.get('html', out)}", flush=True)

@@ -293,19 +293,20 @@ class LMTask:
                 return model(x)
         return model(x)
 
-    def loss(self, model: torch.nn.Module, batch) -> torch.Tensor:
-        x, y = batch
+    def _xent(self, model, x, y, reduction: str = "mean") -> torch.Tensor:
+        """Next-token cross-entropy in float32 (logits may come from bf16 autocast)."""
         logits = self._logits(model, x)
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction=reduction)
+
+    def loss(self, model: torch.nn.Module, batch) -> torch.Tensor:
+        return self._xent(model, *batch)
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         total, count = 0.0, 0
         for i in range(0, len(self.val_offsets), self.cfg.eval_batch):
             w = _windows(self.val_tokens, self.val_offsets[i:i + self.cfg.eval_batch], self.ctx + 1).to(self.device)
-            logits = self._logits(model, w[:, :-1])
-            total += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1),
-                                           reduction="sum"))
+            total += float(self._xent(model, w[:, :-1], w[:, 1:], reduction="sum"))
             count += w[:, 1:].numel()
         loss = total / count
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)),

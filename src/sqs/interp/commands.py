@@ -39,7 +39,8 @@ def run_dir_for(runs_dir: str | Path, dataset: str, gate: str, seed: int) -> Pat
     return Path(runs_dir) / dataset / f"{gate}-seed{seed}"
 
 
-def train_one(dataset: str, gate: str, seed: int, epochs: int, run_dir: str | Path, data_dir: str | None = None):
+def train_one(dataset: str, gate: str, seed: int, epochs: int, run_dir: str | Path, data_dir: str | None = None,
+              cache_dir: str | None = None):
     """Train one Sec. 4.1 run (1 GLU layer) with the image pipeline. The only training call here.
 
     `run_image` resumes an interrupted run and returns at once for a finished one; its
@@ -50,7 +51,7 @@ def train_one(dataset: str, gate: str, seed: int, epochs: int, run_dir: str | Pa
 
     cfg = pipeline.load_config("sec41", overrides={"dataset": dataset, "model.gate": gate, "seed": seed,
                                                    "epochs": epochs})
-    return pipeline.run_image(cfg, run_dir, data_dir=data_dir)
+    return pipeline.run_image(cfg, run_dir, data_dir=data_dir, cache_dir=cache_dir)
 
 
 def is_finished(run_dir: str | Path) -> bool:
