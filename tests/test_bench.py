@@ -17,3 +17,10 @@ def test_bench_glu_grid_table(capsys):
     assert main(["bench", "glu", "--batch", "8", "--width", "16", "32", "--reps", "2"]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| 8 |")]
     assert len(lines) == 2 and all("(1.00)" in ln for ln in lines)
+
+
+def test_bench_lm_times_every_gate_against_swiglu(capsys):
+    assert main(["bench", "lm", "--gates", "sqs", "relu", "--batch", "1", "--reps", "1"]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")][1:]
+    assert [r.split(" | ")[0] for r in rows] == ["| silu", "| sqs", "| relu"]  # SwiGLU added as the baseline
+    assert rows[0].endswith("| 1.000 |")

@@ -248,7 +248,7 @@ def test_experiment_writes_table_curves_samples_and_skips_finished_runs(cache, t
     cfg.write_text(TINY_TOML)
     kw = dict(out=tmp_path / "results", runs_dir=tmp_path / "runs", gates=["sqs", "bilinear"], extra_seeds=[1],
               cache_dir=cache, progress=False, max_new_tokens=12)
-    table = lm.run_experiment(cfg, **kw)
+    table = lm.run_experiment(cfg, throughput_reps=2, **kw)
     runs = [(r["gate"], r["seed"]) for r in table["runs"]]
     assert runs == [("sqs", 0), ("identity", 0), ("sqs", 1)]
     assert all(r["complete"] and set(r["at"]) == {"25%", "50%", "75%", "100%"} for r in table["runs"])
@@ -256,6 +256,10 @@ def test_experiment_writes_table_curves_samples_and_skips_finished_runs(cache, t
     md = (out / "table.md").read_text()
     assert "| SQS | 0 |" in md and "Bilinear" in md and "6.70" in md and "7.65" in md
     assert "exp(mean" in md
+    # every gate's training step is timed side by side, beside the runs' own tokens/s
+    tp = json.loads((out / "throughput.json").read_text())
+    assert set(tp["gates"]) == {"sqs", "identity"} and all(g["tokens_per_s"] > 0 for g in tp["gates"].values())
+    assert "## Training throughput" in md and table["per_gate"]["sqs"]["interleaved_tokens_per_s"] > 0
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     samples = (out / "samples.md").read_text()
     assert samples.count("'Once upon a time', greedy") == 2 and "temperature 0.8" in samples

@@ -1,4 +1,4 @@
-"""`sqs bench ops` and `sqs bench glu`."""
+"""`sqs bench ops`, `sqs bench glu` and `sqs bench lm`."""
 
 from __future__ import annotations
 
@@ -58,6 +58,24 @@ def _glu(args) -> int:
     return 0
 
 
+def _lm(args) -> int:
+    from sqs.bench.ops import bench_lm, format_lm_table
+    from sqs.experiments.lm import load_config
+
+    cfg = load_config(args.config)
+    kw = cfg.model_kwargs(cfg.vocab_size)
+    kw.pop("gate")
+    batch = args.batch or cfg.batch_size // cfg.grad_accum
+    from sqs.functional import canonical_gate
+
+    gates = list(dict.fromkeys(["silu"] + [canonical_gate(g) for g in args.gates]))  # SwiGLU: the baseline
+    res = bench_lm(gates, batch_size=batch, reps=args.reps, **kw)
+    table = format_lm_table(res, batch * cfg.context)
+    print(table)
+    _write(args.out, f"sqs bench lm --config {args.config}", [table])
+    return 0
+
+
 def register(sub, groups) -> None:
     p = groups["bench"].add_parser("ops", help="gate op forward+backward time and peak memory, ratios to eager SwiGLU")
     p.add_argument("--numel", type=int, nargs="+", default=[8 * 2**20], help="elements per tensor (default 8M)")
@@ -75,3 +93,13 @@ def register(sub, groups) -> None:
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--out", help="also write the table to this markdown file")
     p.set_defaults(func=_glu)
+
+    p = groups["bench"].add_parser("lm", help="TinyStories model training step, all gates interleaved: tokens/s "
+                                              "and ratio to SwiGLU")
+    p.add_argument("--config", default="tinystories-cpu", help="LM config name or .toml path (model and batch)")
+    p.add_argument("--gates", nargs="+", default=["silu", "sqs", "relu", "gelu", "identity"],
+                   help="gates (first-class names; silu is the baseline)")
+    p.add_argument("--batch", type=int, help="sequences per step (default: the config's micro-batch)")
+    p.add_argument("--reps", type=int, default=12)
+    p.add_argument("--out", help="also write the table to this markdown file")
+    p.set_defaults(func=_lm)

@@ -147,3 +147,44 @@ def format_glu_table(grid: dict[tuple[int, int], list[BenchResult]]) -> str:
         cells = [f"{r.median_s * 1e3:.2f} ({r.median_s / base:.2f})" for r in res]
         lines.append(f"| {b} | {w} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _lm_step(model: torch.nn.Module, batch: torch.Tensor, opt: torch.optim.Optimizer) -> Callable[[], None]:
+    def run():
+        logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), batch[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return run
+
+
+def bench_lm(gates: list[str], batch_size: int = 32, reps: int = 10, **model_kwargs) -> list[BenchResult]:
+    """One optimizer step of the TinyStories model (forward, backward, AdamW) per gate, interleaved.
+
+    The training runs' own tokens/s come from runs made one after another, so a change in the
+    machine's load between runs shows up as a gap between gates; here every gate steps in turn on
+    the same batch, so load drifts hit all of them alike.
+    """
+    from sqs.models.gpt import GPT, GPTConfig
+
+    fns = {}
+    for gate in gates:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(gate=gate, **model_kwargs))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+        gen = torch.Generator().manual_seed(0)
+        batch = torch.randint(0, model.cfg.vocab_size, (batch_size, model.cfg.context + 1), generator=gen)
+        fns[gate] = _lm_step(model, batch, opt)
+    times = time_interleaved(fns, reps=reps, warmup=3)
+    return [BenchResult(g, statistics.median(times[g]), None) for g in gates]
+
+
+def format_lm_table(results: list[BenchResult], tokens_per_step: int, base: str = "silu") -> str:
+    ref = next(r for r in results if r.name == base).median_s
+    lines = [f"TinyStories model training step (forward + backward + AdamW), {tokens_per_step:,} tokens per step, "
+             f"{torch.get_num_threads()} threads, gates interleaved step by step, median step time",
+             "", "| gate | step (ms) | tokens/s | tokens/s / SwiGLU |", "|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.name} | {r.median_s * 1e3:.1f} | {tokens_per_step / r.median_s:,.0f} | {ref / r.median_s:.3f} |")
+    return "\n".join(lines)

@@ -521,11 +521,14 @@ def run_experiment(config: str | os.PathLike = "tinystories-cpu", out: str | os.
                    runs_dir: str | os.PathLike = "runs/lm", gates=GATES, extra_seeds=(1,),
                    overrides: list[str] | None = None, report_only: bool = False,
                    cache_dir: str | os.PathLike | None = None, device: str | None = "auto",
-                   progress: bool = True, samples: bool = True, max_new_tokens: int = 160) -> dict:
+                   progress: bool = True, samples: bool = True, max_new_tokens: int = 160,
+                   throughput_reps: int = 12) -> dict:
     """Train every (gate, seed) that is not finished yet, then write the report.
 
     Runs live in `runs_dir/<config name>/<gate>-s<seed>`; finished runs are skipped, interrupted
-    ones resume, diverged ones (diverged.json) are reported, not retried.
+    ones resume, diverged ones (diverged.json) are reported, not retried. After training, every
+    gate's training step is also timed side by side (`measure_throughput`), because the runs'
+    own tokens/s come from different times and so carry the machine's load drift.
     """
     base = load_config(config, overrides)
     root = Path(runs_dir) / base.name
@@ -553,8 +556,32 @@ def run_experiment(config: str | os.PathLike = "tinystories-cpu", out: str | os.
                     print(f"  {e}", file=sys.stderr)
     if rank != 0:
         return {}
+    if not report_only and throughput_reps > 0:
+        measure_throughput(base, list(dict.fromkeys(g for g, _ in todo)), Path(out) / "throughput.json",
+                           reps=throughput_reps)
     return write_report(root, out, todo, base, samples=samples, max_new_tokens=max_new_tokens,
                         cache_dir=cache_dir)
+
+
+def measure_throughput(cfg: LMRunConfig, gates: list[str], path: str | os.PathLike, reps: int = 12) -> dict:
+    """Training-step tokens/s of every gate, interleaved step by step (sqs.bench.ops.bench_lm), saved as JSON."""
+    import datetime
+
+    from sqs.bench.ops import bench_lm
+
+    micro = cfg.batch_size // cfg.grad_accum
+    kw = cfg.model_kwargs(cfg.vocab_size)
+    kw.pop("gate")
+    print(f"timing one training step per gate, interleaved ({reps} rounds, {micro} sequences)", file=sys.stderr)
+    res = bench_lm([canonical_gate(g) for g in gates], batch_size=micro, reps=reps, **kw)
+    tps = micro * cfg.context
+    ref = next((r.median_s for r in res if r.name == "silu"), None)
+    out = {"measured": f"{datetime.datetime.now():%Y-%m-%d %H:%M}", "threads": torch.get_num_threads(),
+           "reps": reps, "sequences_per_step": micro, "tokens_per_step": tps,
+           "gates": {r.name: {"step_s": r.median_s, "tokens_per_s": tps / r.median_s,
+                              "vs_swiglu": (ref / r.median_s) if ref else None} for r in res}}
+    write_json(path, out)
+    return out
 
 
 def _at_fraction(records: list[dict], f: float) -> dict | None:
@@ -626,15 +653,25 @@ def write_report(root: str | os.PathLike, out: str | os.PathLike, runs: list[tup
         "paper_reference": {g: {"loss": l, "ppl_as_printed": p} for g, (l, p) in PAPER_FINAL.items()},
         "note": "val_ppl = exp(val_loss); per-gate perplexity = exp(mean val loss over seeds). The paper's "
                 "perplexities are not exp(its losses) (exp(1.9021) = 6.70, printed 7.65)."}
+    tp_path = out / "throughput.json"
+    throughput = json.loads(tp_path.read_text()) if tp_path.exists() else None
+    train_tps = {g: float(np.mean([r["tokens_per_s"] for r in rows if r["gate"] == g and r.get("tokens_per_s")]))
+                 for g in per_gate if any(r["gate"] == g and r.get("tokens_per_s") for r in rows)}
+    for g in per_gate:
+        per_gate[g]["train_tokens_per_s_mean"] = train_tps.get(g)
+        if throughput and g in throughput["gates"]:
+            per_gate[g]["interleaved_tokens_per_s"] = throughput["gates"][g]["tokens_per_s"]
+            per_gate[g]["interleaved_vs_swiglu"] = throughput["gates"][g]["vs_swiglu"]
+    table["throughput"] = throughput
     write_json(out / "table.json", table)
-    write_text(out / "table.md", _table_md(rows, per_gate, cfg, plan_, data_))
+    write_text(out / "table.md", _table_md(rows, per_gate, cfg, plan_, data_, throughput))
     _plot_curves(rows, out / "curves.png", cfg)
     if samples:
         write_text(out / "samples.md", _samples_md(root, runs, prompts, max_new_tokens, cache_dir))
     return table
 
 
-def _table_md(rows, per_gate, cfg, plan_, data_) -> str:
+def _table_md(rows, per_gate, cfg, plan_, data_, throughput=None) -> str:
     L = ["# TinyStories (paper Sec. 4.2.2): validation loss, perplexity, bits per byte", ""]
     if cfg is not None and plan_ is not None:
         L.append(f"Config `{cfg.name}`: {cfg.n_layers} layers, d_model {cfg.d_model}, GLU hidden {cfg.d_hidden}, "
@@ -684,6 +721,25 @@ def _table_md(rows, per_gate, cfg, plan_, data_) -> str:
                      + ", ".join(f"{GATE_LABEL[k]} {v['val_loss_std']:.4f}" for k, v in per_gate.items()
                                  if v["val_loss_std"] is not None)
                      + "; gaps between gates smaller than that are noise.")
+    if per_gate:
+        L += ["", "## Training throughput", "",
+              "Two measurements. *Runs*: each run's training tokens/s (median over its evaluation intervals), "
+              "mean over seeds; the runs happen one after another, so a change in the machine's load between "
+              "them shows up as a gap between gates. *Interleaved*: one training step (forward, backward, "
+              "AdamW) of each gate in turn on the same batch, median over the rounds, measured right after "
+              "training; load drift hits every gate alike, so this is the fair comparison.", ""]
+        ref_run = per_gate.get("silu", {}).get("train_tokens_per_s_mean")
+        L += ["| Gate | runs: tok/s | runs: ÷ SwiGLU | interleaved: tok/s | interleaved: ÷ SwiGLU |",
+              "|---|---|---|---|---|"]
+        for gate, g in per_gate.items():
+            rt, it, iv = g.get("train_tokens_per_s_mean"), g.get("interleaved_tokens_per_s"), g.get("interleaved_vs_swiglu")
+            L.append(f"| {GATE_LABEL[gate]} | {'—' if rt is None else f'{rt:,.0f}'} | "
+                     f"{f'{rt / ref_run:.3f}' if rt and ref_run else '—'} | {'—' if it is None else f'{it:,.0f}'} | "
+                     f"{'—' if iv is None else f'{iv:.3f}'} |")
+        if throughput:
+            L += ["", f"Interleaved: {throughput['reps']} rounds, {throughput['sequences_per_step']} sequences = "
+                      f"{throughput['tokens_per_step']:,} tokens per step, {throughput['threads']} threads, measured "
+                      f"{throughput['measured']}. Regenerate with `sqs bench lm`."]
     L += ["", "Notes:", "",
           "* Runs with the same seed draw the same batches in the same order and the same initial weights "
           "(all gates have the same parameter shapes), so at one seed the gate is the only difference; "

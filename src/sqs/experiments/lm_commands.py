@@ -95,7 +95,8 @@ def _experiment(args) -> int:
         table = lm.run_experiment(args.config, out=args.out, runs_dir=args.runs_dir, gates=args.gates,
                                   extra_seeds=args.extra_seeds, overrides=overrides, report_only=args.report_only,
                                   cache_dir=args.cache_dir, device=args.device, progress=not args.no_progress,
-                                  samples=not args.no_samples, max_new_tokens=args.max_new_tokens)
+                                  samples=not args.no_samples, max_new_tokens=args.max_new_tokens,
+                                  throughput_reps=args.throughput_reps)
     finally:
         _finish_dist(started)
     if _is_rank0() and table:
@@ -150,4 +151,7 @@ def register(sub, groups) -> None:
     e.add_argument("--report-only", action="store_true", help="only regenerate the report from the run dirs")
     e.add_argument("--no-samples", action="store_true", help="skip samples.md")
     e.add_argument("--max-new-tokens", type=int, default=160, help="sample length in samples.md")
+    e.add_argument("--throughput-reps", type=int, default=12,
+                   help="after training, time every gate's training step interleaved this many rounds "
+                        "(results/lm/throughput.json; 0 skips it)")
     e.set_defaults(func=_experiment)
