@@ -59,18 +59,13 @@ def _glu(args) -> int:
 
 
 def _lm(args) -> int:
-    from sqs.bench.ops import bench_lm, format_lm_table
-    from sqs.experiments.lm import load_config
-
-    cfg = load_config(args.config)
-    kw = cfg.model_kwargs(cfg.vocab_size)
-    kw.pop("gate")
-    batch = args.batch or cfg.batch_size // cfg.grad_accum
+    from sqs.bench.ops import format_lm_table
+    from sqs.experiments.lm import load_config, measure_throughput
     from sqs.functional import canonical_gate
 
     gates = list(dict.fromkeys(["silu"] + [canonical_gate(g) for g in args.gates]))  # SwiGLU: the baseline
-    res = bench_lm(gates, batch_size=batch, reps=args.reps, **kw)
-    table = format_lm_table(res, batch * cfg.context)
+    tp = measure_throughput(load_config(args.config), gates, reps=args.reps, batch=args.batch)
+    table = format_lm_table(tp)
     print(table)
     _write(args.out, f"sqs bench lm --config {args.config}", [table])
     return 0

@@ -180,11 +180,12 @@ def bench_lm(gates: list[str], batch_size: int = 32, reps: int = 10, **model_kwa
     return [BenchResult(g, statistics.median(times[g]), None) for g in gates]
 
 
-def format_lm_table(results: list[BenchResult], tokens_per_step: int, base: str = "silu") -> str:
-    ref = next(r for r in results if r.name == base).median_s
-    lines = [f"TinyStories model training step (forward + backward + AdamW), {tokens_per_step:,} tokens per step, "
-             f"{torch.get_num_threads()} threads, gates interleaved step by step, median step time",
+def format_lm_table(throughput: dict) -> str:
+    """The table of `sqs.experiments.lm.measure_throughput`'s result."""
+    lines = [f"TinyStories model training step (forward + backward + AdamW), {throughput['tokens_per_step']:,} tokens "
+             f"per step, {throughput['threads']} threads, gates interleaved step by step, median step time",
              "", "| gate | step (ms) | tokens/s | tokens/s / SwiGLU |", "|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r.name} | {r.median_s * 1e3:.1f} | {tokens_per_step / r.median_s:,.0f} | {ref / r.median_s:.3f} |")
+    for name, g in throughput["gates"].items():
+        ratio = "—" if g["vs_swiglu"] is None else f"{g['vs_swiglu']:.3f}"
+        lines.append(f"| {name} | {g['step_s'] * 1e3:.1f} | {g['tokens_per_s']:,.0f} | {ratio} |")
     return "\n".join(lines)

@@ -557,19 +557,21 @@ def run_experiment(config: str | os.PathLike = "tinystories-cpu", out: str | os.
     if rank != 0:
         return {}
     if not report_only and throughput_reps > 0:
-        measure_throughput(base, list(dict.fromkeys(g for g, _ in todo)), Path(out) / "throughput.json",
-                           reps=throughput_reps)
+        measure_throughput(base, list(dict.fromkeys(g for g, _ in todo)), reps=throughput_reps,
+                           path=Path(out) / "throughput.json")
     return write_report(root, out, todo, base, samples=samples, max_new_tokens=max_new_tokens,
                         cache_dir=cache_dir)
 
 
-def measure_throughput(cfg: LMRunConfig, gates: list[str], path: str | os.PathLike, reps: int = 12) -> dict:
-    """Training-step tokens/s of every gate, interleaved step by step (sqs.bench.ops.bench_lm), saved as JSON."""
+def measure_throughput(cfg: LMRunConfig, gates: list[str], reps: int = 12, batch: int | None = None,
+                       path: str | os.PathLike | None = None) -> dict:
+    """Training-step tokens/s of every gate at `cfg`'s model size, interleaved step by step
+    (sqs.bench.ops.bench_lm); `batch` defaults to the config's micro-batch. Saved as JSON if `path`."""
     import datetime
 
     from sqs.bench.ops import bench_lm
 
-    micro = cfg.batch_size // cfg.grad_accum
+    micro = batch or cfg.batch_size // cfg.grad_accum
     kw = cfg.model_kwargs(cfg.vocab_size)
     kw.pop("gate")
     print(f"timing one training step per gate, interleaved ({reps} rounds, {micro} sequences)", file=sys.stderr)
@@ -580,7 +582,8 @@ def measure_throughput(cfg: LMRunConfig, gates: list[str], path: str | os.PathLi
            "reps": reps, "sequences_per_step": micro, "tokens_per_step": tps,
            "gates": {r.name: {"step_s": r.median_s, "tokens_per_s": tps / r.median_s,
                               "vs_swiglu": (ref / r.median_s) if ref else None} for r in res}}
-    write_json(path, out)
+    if path is not None:
+        write_json(path, out)
     return out
 
 
@@ -638,30 +641,28 @@ def write_report(root: str | os.PathLike, out: str | os.PathLike, runs: list[tup
     data_ = next((r["data"] for r in rows if r.get("data")), None)
 
     # per gate: mean over seeds of the final val loss; perplexity = exp(mean loss)
+    tp_path = out / "throughput.json"
+    throughput = json.loads(tp_path.read_text()) if tp_path.exists() else None
     per_gate = {}
     for gate in dict.fromkeys(g for g, _ in runs):
         fin = [r["at"]["100%"]["val_loss"] for r in rows if r["gate"] == gate and "100%" in r["at"]]
         bpb = [r["at"]["100%"]["val_bpb"] for r in rows if r["gate"] == gate and "100%" in r["at"]]
+        tps = [r["tokens_per_s"] for r in rows if r["gate"] == gate and r.get("tokens_per_s")]
         if fin:
             m = float(np.mean(fin))
             per_gate[gate] = {"seeds": len(fin), "val_loss_mean": m,
                               "val_loss_std": float(np.std(fin, ddof=1)) if len(fin) > 1 else None,
                               "val_ppl_of_mean": math.exp(m), "val_bpb_mean": float(np.mean(bpb)),
-                              "paper_loss": PAPER_FINAL[gate][0], "paper_ppl_as_printed": PAPER_FINAL[gate][1]}
+                              "paper_loss": PAPER_FINAL[gate][0], "paper_ppl_as_printed": PAPER_FINAL[gate][1],
+                              "train_tokens_per_s_mean": float(np.mean(tps)) if tps else None}
+            if throughput and gate in throughput["gates"]:
+                per_gate[gate]["interleaved_tokens_per_s"] = throughput["gates"][gate]["tokens_per_s"]
+                per_gate[gate]["interleaved_vs_swiglu"] = throughput["gates"][gate]["vs_swiglu"]
     table = {"config": cfg.to_dict() if cfg else None, "plan": plan_, "data": data_, "runs": [
         {k: v for k, v in r.items() if k != "curve"} for r in rows], "per_gate": per_gate,
         "paper_reference": {g: {"loss": l, "ppl_as_printed": p} for g, (l, p) in PAPER_FINAL.items()},
         "note": "val_ppl = exp(val_loss); per-gate perplexity = exp(mean val loss over seeds). The paper's "
                 "perplexities are not exp(its losses) (exp(1.9021) = 6.70, printed 7.65)."}
-    tp_path = out / "throughput.json"
-    throughput = json.loads(tp_path.read_text()) if tp_path.exists() else None
-    train_tps = {g: float(np.mean([r["tokens_per_s"] for r in rows if r["gate"] == g and r.get("tokens_per_s")]))
-                 for g in per_gate if any(r["gate"] == g and r.get("tokens_per_s") for r in rows)}
-    for g in per_gate:
-        per_gate[g]["train_tokens_per_s_mean"] = train_tps.get(g)
-        if throughput and g in throughput["gates"]:
-            per_gate[g]["interleaved_tokens_per_s"] = throughput["gates"][g]["tokens_per_s"]
-            per_gate[g]["interleaved_vs_swiglu"] = throughput["gates"][g]["vs_swiglu"]
     table["throughput"] = throughput
     write_json(out / "table.json", table)
     write_text(out / "table.md", _table_md(rows, per_gate, cfg, plan_, data_, throughput))
@@ -717,7 +718,7 @@ def _table_md(rows, per_gate, cfg, plan_, data_, throughput=None) -> str:
                   f"paper: {' < '.join(GATE_LABEL[g] for g in paper)}."]
         multi = [g for g in per_gate.values() if g["val_loss_std"] is not None]
         if multi:
-            L.append(f"Seed-to-seed standard deviation of the final loss: "
+            L.append("Seed-to-seed standard deviation of the final loss: "
                      + ", ".join(f"{GATE_LABEL[k]} {v['val_loss_std']:.4f}" for k, v in per_gate.items()
                                  if v["val_loss_std"] is not None)
                      + "; gaps between gates smaller than that are noise.")
