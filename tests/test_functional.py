@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import sqs
 from sqs import functional as SF
-from sqs.ops import sqs_glu
+from sqs.ops import sqs_glu, sqs_glu_packed
 
 PARAMS = [  # (c, lam, p): the paper's default, the SPEC's edge cases
     (0.01, 0.5, 1.0),
@@ -82,6 +82,43 @@ def test_fused_non_contiguous_chunk_views():
     (rw * SF.sqs_reference(rv)).sum().backward()
     torch.testing.assert_close(y, rw * SF.sqs_reference(rv))
     torch.testing.assert_close(h.grad, ref_h.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("c,lam,p", PARAMS)
+def test_gradcheck_packed_glu(c, lam, p):
+    w, v = _inputs(seed=4)
+    x = torch.cat((w, v), -1).detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: sqs_glu_packed(t, c, lam, p), (x,))
+
+
+@pytest.mark.parametrize("backend", ["compiled", "eager"])
+@pytest.mark.parametrize("shape", [(64, 2 * 33), (3, 5, 2 * 16), (2 * 7,)])
+def test_packed_equals_two_half_op(backend, shape):
+    """GLU uses the packed op; it must give sqs_glu's values and the same gradient of x."""
+    from sqs.ops import set_backend
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5)).requires_grad_()
+    g = torch.randn(shape[:-1] + (shape[-1] // 2,))
+    set_backend(backend)
+    try:
+        y = sqs_glu_packed(x, 0.05, 0.4, 1.3)
+        (dx,) = torch.autograd.grad(y, x, g)
+    finally:
+        set_backend("auto")
+    x2 = x.detach().clone().requires_grad_()
+    y2 = sqs_glu(*x2.chunk(2, -1), 0.05, 0.4, 1.3)
+    (dx2,) = torch.autograd.grad(y2, x2, g)
+    assert y.shape == y2.shape and dx.shape == x.shape
+    torch.testing.assert_close(y, y2, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(dx, dx2, rtol=1e-6, atol=1e-7)
+
+
+def test_packed_saves_only_x_and_rejects_odd_width():
+    x = torch.randn(4, 6, requires_grad=True)
+    (saved,) = sqs_glu_packed(x).grad_fn.saved_tensors
+    assert saved.data_ptr() == x.data_ptr()
+    with pytest.raises(ValueError, match=r"must be even.*sqs_glu"):
+        sqs_glu_packed(torch.randn(4, 5))
 
 
 def test_c_lam_zero_is_exactly_bilinear():

@@ -93,6 +93,49 @@ def test_gpt_is_causal_and_uses_the_glu_gate():
         GPTConfig(d_model=30, n_heads=4)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_loss_from_targets_equals_cross_entropy_of_logits(tie, reduction):
+    """Training uses model(x, targets=y), the chunked output cross-entropy; it must give the
+    loss and every parameter gradient of cross_entropy(model(x), y)."""
+    cfg = GPTConfig(vocab_size=50, n_layers=2, d_model=16, n_heads=2, d_hidden=16, context=12, gate="sqs",
+                    tie_embeddings=tie)
+    torch.manual_seed(0)
+    m = GPT(cfg).double()
+    x, y = torch.randint(0, 50, (3, 12)), torch.randint(0, 50, (3, 12))
+    loss = m(x, targets=y, reduction=reduction)
+    grads = torch.autograd.grad(loss, list(m.parameters()))
+    ref = torch.nn.functional.cross_entropy(m(x).reshape(-1, 50), y.reshape(-1), reduction=reduction)
+    ref_grads = torch.autograd.grad(ref, list(m.parameters()))
+    scale = y.numel() if reduction == "sum" else 1  # the loss is float32 by design: float32 tolerances
+    torch.testing.assert_close(loss, ref.float(), rtol=1e-6, atol=1e-6 * scale)
+    for (name, _), g, r in zip(m.named_parameters(), grads, ref_grads):
+        assert g.dtype == r.dtype, name
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7 * scale, msg=name)
+    with torch.no_grad():  # evaluation takes the loss-only path
+        torch.testing.assert_close(m(x, targets=y, reduction=reduction), ref.float(), rtol=1e-6, atol=1e-6 * scale)
+
+
+def test_linear_cross_entropy_chunks_and_errors():
+    from sqs.ops.linear_cross_entropy import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(37, 8, generator=g, requires_grad=True)
+    w = torch.randn(11, 8, generator=g, requires_grad=True)
+    t = torch.randint(0, 11, (37,), generator=g)
+    ref = torch.nn.functional.cross_entropy(h @ w.T, t)
+    ref_g = torch.autograd.grad(2 * ref, (h, w))
+    for rows in (1, 5, 37, 100):  # chunks that do and do not divide the 37 rows
+        out = linear_cross_entropy(h, w, t, chunk_rows=rows)
+        torch.testing.assert_close(out, ref)
+        for a, b in zip(torch.autograd.grad(2 * out, (h, w)), ref_g):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="targets"):
+        linear_cross_entropy(h, w, t[:-1])
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(h, w, t, reduction="none")
+
+
 def test_generate_greedy_topk_and_seed():
     torch.manual_seed(0)
     m = GPT(GPTConfig(vocab_size=40, n_layers=1, d_model=16, n_heads=2, d_hidden=16, context=8)).eval()

@@ -161,3 +161,18 @@ def glu(w: torch.Tensor, v: torch.Tensor, gate: str = "sqs", **gate_kwargs) -> t
 
         return sqs_glu(w, v, **gate_kwargs)
     return w * gate_fn(gate, **gate_kwargs)(v)
+
+
+def glu_packed(x: torch.Tensor, gate: str = "sqs", **gate_kwargs) -> torch.Tensor:
+    """glu(*x.chunk(2, -1), gate) for x = [w | v] from one fused [W; V] projection.
+
+    For `sqs` the fused op reads x in place and returns its gradient in one piece,
+    sparing the copy that joins dw and dv (see `sqs.ops.sqs_glu_packed`).
+    """
+    gate = canonical_gate(gate)
+    if gate == "sqs":
+        from sqs.ops import sqs_glu_packed
+
+        return sqs_glu_packed(x, **gate_kwargs)
+    w, v = x.chunk(2, dim=-1)
+    return glu(w, v, gate, **gate_kwargs)

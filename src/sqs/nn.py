@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sqs.functional import DEFAULT_C, DEFAULT_LAM, DEFAULT_P, canonical_gate, check_sqs_params, gate_fn, glu, sqs
+from sqs.functional import DEFAULT_C, DEFAULT_LAM, DEFAULT_P, canonical_gate, check_sqs_params, gate_fn, glu_packed, sqs
 
 
 class SQS(nn.Module):
@@ -34,7 +34,8 @@ class GLU(nn.Module):
 
     `d_out=None` means no output projection (the layer returns the d_hidden gated
     product; `P` is then None). W and V are stacked as rows [W; V] of `proj.weight`,
-    so one matmul produces both and `chunk(2, -1)` splits them without a copy.
+    so one matmul produces both; the fused SQS op reads that output as it is and
+    returns its gradient in one piece (`sqs.ops.sqs_glu_packed`).
     """
 
     def __init__(self, d_in: int, d_hidden: int, d_out: int | None = None, gate: str = "sqs",
@@ -53,8 +54,7 @@ class GLU(nn.Module):
         self.out = nn.Linear(d_hidden, d_out, bias=bias) if d_out is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, v = self.proj(x).chunk(2, dim=-1)
-        h = glu(w, v, self.gate, **self.gate_kwargs)
+        h = glu_packed(self.proj(x), self.gate, **self.gate_kwargs)
         return self.out(h) if self.out is not None else h
 
     # Weights as plain tensors for analysis (detached; no autograd graph).

@@ -37,7 +37,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from sqs.functional import GATES, canonical_gate
 from sqs.io import write_json, write_text
@@ -287,16 +286,12 @@ class LMTask:
         w = w.to(self.device, non_blocking=True)
         return w[:, :-1], w[:, 1:]
 
-    def _logits(self, model, x):
+    def _xent(self, model, x, y, reduction: str = "mean") -> torch.Tensor:
+        """Next-token cross-entropy in float32 (the blocks may run under bf16 autocast)."""
         if self.amp:
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                return model(x)
-        return model(x)
-
-    def _xent(self, model, x, y, reduction: str = "mean") -> torch.Tensor:
-        """Next-token cross-entropy in float32 (logits may come from bf16 autocast)."""
-        logits = self._logits(model, x)
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction=reduction)
+                return model(x, targets=y, reduction=reduction)
+        return model(x, targets=y, reduction=reduction)
 
     def loss(self, model: torch.nn.Module, batch) -> torch.Tensor:
         return self._xent(model, *batch)
@@ -522,7 +517,7 @@ def run_experiment(config: str | os.PathLike = "tinystories-cpu", out: str | os.
                    overrides: list[str] | None = None, report_only: bool = False,
                    cache_dir: str | os.PathLike | None = None, device: str | None = "auto",
                    progress: bool = True, samples: bool = True, max_new_tokens: int = 160,
-                   throughput_reps: int = 12) -> dict:
+                   throughput_reps: int = 30) -> dict:
     """Train every (gate, seed) that is not finished yet, then write the report.
 
     Runs live in `runs_dir/<config name>/<gate>-s<seed>`; finished runs are skipped, interrupted

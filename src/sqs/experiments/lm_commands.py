@@ -151,7 +151,7 @@ def register(sub, groups) -> None:
     e.add_argument("--report-only", action="store_true", help="only regenerate the report from the run dirs")
     e.add_argument("--no-samples", action="store_true", help="skip samples.md")
     e.add_argument("--max-new-tokens", type=int, default=160, help="sample length in samples.md")
-    e.add_argument("--throughput-reps", type=int, default=12,
+    e.add_argument("--throughput-reps", type=int, default=30,
                    help="after training, time every gate's training step interleaved this many rounds "
                         "(results/lm/throughput.json; 0 skips it)")
     e.set_defaults(func=_experiment)

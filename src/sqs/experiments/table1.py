@@ -551,7 +551,7 @@ def render_markdown(s: dict, paper: dict, grid_log: list[dict]) -> str:
         L.append(f"Unfinished runs (not in the tables): {len(s['incomplete'])}: "
                  + ", ".join(f"`{d}`" for d in s["incomplete"][:20]) + "\n")
     if s["excluded_other_config"]:
-        L.append(f"Finished runs made with another config (left out): "
+        L.append("Finished runs made with another config (left out): "
                  + ", ".join(f"`{d}`" for d in s["excluded_other_config"][:20]) + "\n")
     return "\n".join(L)
 

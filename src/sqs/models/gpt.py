@@ -4,6 +4,7 @@
     h   = h + Attn(Norm(h))                  causal multi-head self-attention
     h   = h + GLU(Norm(h))                   (W x) * gate(V x), then the d_hidden -> d output projection
     logits = E^T Norm(h)                     (tied embeddings)
+    loss   = cross-entropy(logits, next tokens), in row chunks (sqs.ops.linear_cross_entropy)
 
 The paper gives only: 4 layers, model dim 128, GLU hidden dim 128, AdamW lr 1e-3,
 weight decay 0.1, batch 512, cosine annealing. Everything else is ours, chosen to
@@ -45,6 +46,7 @@ from torch import nn
 
 from sqs.functional import canonical_gate
 from sqs.nn import GLU
+from sqs.ops.linear_cross_entropy import linear_cross_entropy
 
 
 @dataclass
@@ -126,8 +128,15 @@ class GPT(nn.Module):
             n -= self.pos_emb.weight.numel() + (self.tok_emb.weight.numel() if self.head is not None else 0)
         return n
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx (B, T) int64 token ids, T <= context -> logits (B, T, vocab)."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                reduction: str = "mean") -> torch.Tensor:
+        """idx (B, T) int64 token ids, T <= context -> logits (B, T, vocab).
+
+        With `targets` (B, T) it returns the next-token cross-entropy instead (float32,
+        `reduction` "mean" or "sum" over tokens), computed by `linear_cross_entropy`
+        without materialising the logits. It goes through forward so that wrappers
+        such as DistributedDataParallel see the whole computation.
+        """
         B, T = idx.shape
         if T > self.cfg.context:
             raise ValueError(f"GPT: sequence of length {T} is longer than the context ({self.cfg.context})")
@@ -136,7 +145,10 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)
-        return x @ self.tok_emb.weight.T if self.head is None else self.head(x)
+        out_w = self.tok_emb.weight if self.head is None else self.head.weight
+        if targets is not None:
+            return linear_cross_entropy(x.reshape(B * T, -1), out_w, targets.reshape(B * T), reduction)
+        return x @ out_w.T
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,

@@ -1,0 +1,94 @@
+"""Output projection + cross-entropy in row chunks, never holding the full logits.
+
+Why: a language model's last step, logits = h @ W^T then cross-entropy, makes a
+(tokens, vocab) float32 tensor, plus its log-softmax and its gradient of the same
+size. At the TinyStories CPU setting (8,192 tokens x 4,096 vocab) each is 134 MB:
+too big for the allocator to reuse (glibc returns such blocks to the OS, so every
+step pays page faults on ~0.5 GB), and the memory-bound passes over them cost more
+than all the GLU layers together. Here each chunk of rows computes its logits, its
+loss and, when a gradient is wanted, its share of dL/dh and dL/dW straight away
+(the loss is the graph's end, so softmax - onehot is the whole backward); backward
+only scales the stored gradients. The matmul FLOPs are unchanged; the peak memory
+of this step drops from O(tokens x vocab) to O(chunk x vocab). Liger-Kernel's fused
+linear cross-entropy is the same idea on GPUs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Rows per chunk: about 2M logits (8 MB in float32), small enough to stay in cache
+# levels and in the allocator's reusable pool, large enough for efficient matmuls.
+_CHUNK_ELEMENTS = 2**21
+
+
+def _chunk_rows(vocab: int, chunk_rows: int | None) -> int:
+    return chunk_rows if chunk_rows else max(1, _CHUNK_ELEMENTS // vocab)
+
+
+def _check(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str) -> None:
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"linear_cross_entropy: `reduction` must be 'mean' or 'sum', got {reduction!r}")
+    if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
+        raise ValueError(f"linear_cross_entropy: need h (N, d) and weight (vocab, d), got {tuple(h.shape)} "
+                         f"and {tuple(weight.shape)}")
+    if targets.shape != h.shape[:1] or targets.dtype != torch.long:
+        raise ValueError(f"linear_cross_entropy: `targets` must be int64 of shape ({h.shape[0]},), "
+                         f"got {targets.dtype} {tuple(targets.shape)}")
+
+
+def _chunk_loss(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed loss of one chunk, its logits and their logsumexp (float32)."""
+    logits = h @ w.T
+    lse = torch.logsumexp(logits, dim=-1)
+    loss = (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+    return loss, logits, lse
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str,
+                chunk_rows: int | None) -> torch.Tensor:
+        n = h.shape[0]
+        rows = _chunk_rows(weight.shape[0], chunk_rows)
+        with torch.autocast(h.device.type, enabled=False):
+            hf, wf = h.float(), weight.float()
+            dh = torch.empty_like(hf)
+            dw = torch.zeros_like(wf)
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            for i in range(0, n, rows):
+                hc, tc = hf[i:i + rows], targets[i:i + rows]
+                loss, logits, lse = _chunk_loss(hc, wf, tc)
+                total += loss
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                grad[torch.arange(len(tc), device=grad.device), tc] -= 1.0
+                dh[i:i + rows] = grad @ wf
+                dw.addmm_(grad.T, hc)
+        scale = 1.0 / n if reduction == "mean" else 1.0
+        ctx.save_for_backward(dh, dw)
+        ctx.scale, ctx.dtypes = scale, (h.dtype, weight.dtype)
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        dh, dw = ctx.saved_tensors
+        s = g * ctx.scale
+        return (dh * s).to(ctx.dtypes[0]), (dw * s).to(ctx.dtypes[1]), None, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
+                         chunk_rows: int | None = None) -> torch.Tensor:
+    """cross_entropy(h @ weight.T, targets) in float32, computed chunk by chunk.
+
+    h (N, d), weight (vocab, d), targets (N,) int64. Same value and gradients as the
+    two-step form up to float rounding. Without a gradient to compute (no_grad, or
+    neither input requires grad) it only evaluates the loss, chunk by chunk.
+    """
+    _check(h, weight, targets, reduction)
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return LinearCrossEntropyFunction.apply(h, weight, targets, reduction, chunk_rows)
+    rows = _chunk_rows(weight.shape[0], chunk_rows)
+    with torch.autocast(h.device.type, enabled=False):
+        hf, wf = h.float(), weight.float()
+        total = sum(_chunk_loss(hf[i:i + rows], wf, targets[i:i + rows])[0] for i in range(0, h.shape[0], rows))
+    return total / h.shape[0] if reduction == "mean" else total
