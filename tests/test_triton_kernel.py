@@ -172,6 +172,18 @@ def _interpreter_main() -> int:
             ry, rdw, rdv = _reference(gy, w.detach(), v.detach(), 0.01, 0.5, p)
             torch.testing.assert_close(y, ry, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(gh, torch.cat([rdw, rdv], -1), rtol=1e-5, atol=1e-6)
+            # the packed op (what sqs.nn.GLU calls): the kernel writes dw, dv into dx's halves
+            hp = h.detach().clone().requires_grad_()
+            yp = ops_mod.sqs_glu_packed(hp, c=0.01, lam=0.5, p=p)
+            (ghp,) = torch.autograd.grad(yp, hp, gy)
+            torch.testing.assert_close(yp, ry, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(ghp, gh, rtol=1e-6, atol=1e-7)
+        g2, w2, v2 = torch.randn(5, 3), torch.randn(5, 3), torch.randn(5, 3)
+        try:  # an `out` that only a copy could view as rows must be refused, not silently dropped
+            K._backward(g2, w2, v2, 0.01, 0.5, 1.0, out=(torch.empty(3, 5).T, torch.empty(3, 5).T))
+            errs.append("backward accepted a non-row-viewable out tensor")
+        except ValueError:
+            pass
         # gradcheck of the kernels (float64 is computed in float64), off the jump at 0
         for c, lam, p in ((0.01, 0.5, 1.0), (0.01, 0.5, 0.5), (-0.05, 0.3, 1.7)):
             h = torch.randn(3, 2 * 5, dtype=torch.float64) * 2
@@ -184,7 +196,8 @@ def _interpreter_main() -> int:
     finally:
         ops_mod._resolve = saved
     dt = time.perf_counter() - t0
-    print(f"interpreter: {len(CASES)} cases + degenerate shapes + autograd + gradcheck in {dt:.2f} s")
+    print(f"interpreter: {len(CASES)} cases + degenerate shapes + autograd (plain and packed) + gradcheck "
+          f"in {dt:.2f} s")
     for e in errs:
         print("FAIL", e)
     return 1 if errs else 0

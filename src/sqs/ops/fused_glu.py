@@ -226,6 +226,12 @@ def _dispatch(kind: str, tensors: tuple, c: float, lam: float, p: float):
         halves = (x[..., :h], x[..., h:])
         if kind == "fwd_packed":
             return _dispatch("fwd", halves, c, lam, p)
+        if backend == "triton":  # the kernel writes dw and dv straight into the halves of dx
+            from sqs.ops import triton_sqs_glu
+
+            dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            triton_sqs_glu.backward(tensors[0], *halves, c, lam, p, out=(dx[..., :h], dx[..., h:]))
+            return dx
         return torch.cat(_dispatch("bwd", (tensors[0], *halves), c, lam, p), dim=-1)
     if backend == "triton":
         from sqs.ops import triton_sqs_glu

@@ -35,7 +35,8 @@ recomputed in backward from the saved w and v, nothing else saved):
   |v|^p = exp2(p * log2|v|) (exact 0 at v == 0 since p > 0) and
   |v|^(p-1) = |v|^p / |v| for v != 0: one transcendental pair for both.
 * Backward allocates exactly dw and dv (fresh buffers; the saved w and v are
-  never overwritten, autograd may still need them elsewhere).
+  never overwritten, autograd may still need them elsewhere), or writes into the
+  two halves of one gradient buffer it is given (`out=`, the packed op's dx).
 * Offsets are int64: no overflow on tensors past 2^31 elements.
 
 `forward`/`backward` are what `sqs.ops.fused_glu` calls for CUDA tensors;
@@ -169,7 +170,7 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _layout(ins: tuple[torch.Tensor, ...]) -> tuple[list[torch.Tensor], int, int]:
-    """2-D views of the inputs; outputs are allocated contiguous.
+    """2-D views of a call's tensors (inputs, then outputs).
 
     All contiguous -> one row of numel elements (the flat 1-D kernel); otherwise
     row-wise over the last dimension with per-tensor row strides."""
@@ -194,17 +195,21 @@ def _settings(n_rows: int, n_cols: int) -> tuple[int, int, int]:
     return block_m, block_n, num_warps
 
 
-def _launch(kernel, ins: tuple[torch.Tensor, ...], n_out: int, c: float, lam: float, p: float):
+def _launch(kernel, ins: tuple[torch.Tensor, ...], n_out: int, c: float, lam: float, p: float,
+            outs: tuple[torch.Tensor, ...] | None = None):
     shape, dtype, device = ins[-1].shape, ins[-1].dtype, ins[-1].device
-    outs = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_out)]
+    if outs is None:
+        outs = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_out)]
     if outs[0].numel() == 0:
-        return outs
-    views, n_rows, n_cols = _layout(ins)
-    out_views = [o.view(n_rows, n_cols) for o in outs]  # contiguous: both layouts view
+        return list(outs)
+    tensors, n_rows, n_cols = _layout((*ins, *outs))
+    for o, view in zip(outs, tensors[len(ins):]):
+        if view.data_ptr() != o.data_ptr():  # _as_rows had to copy: the writes would be lost
+            raise ValueError("sqs triton: an `out` tensor must be viewable as rows of its last dim, "
+                             f"got shape {tuple(o.shape)} with strides {o.stride()}")
     block_m, block_n, num_warps = _settings(n_rows, n_cols)
     n_col_blocks = -(-n_cols // block_n)
     grid = (-(-n_rows // block_m) * n_col_blocks,)
-    tensors = views + out_views
     kernel[grid](
         *tensors,
         *(t.stride(0) for t in tensors),
@@ -214,7 +219,7 @@ def _launch(kernel, ins: tuple[torch.Tensor, ...], n_out: int, c: float, lam: fl
         BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=num_warps,
     )
-    return outs
+    return list(outs)
 
 
 def _check_triton() -> None:
@@ -231,10 +236,10 @@ def _forward(w: torch.Tensor, v: torch.Tensor, c: float, lam: float, p: float) -
 
 
 def _backward(g: torch.Tensor, w: torch.Tensor, v: torch.Tensor, c: float, lam: float,
-              p: float) -> tuple[torch.Tensor, torch.Tensor]:
+              p: float, out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(dw, dv), no device check (also runs under TRITON_INTERPRET=1 on CPU)."""
     _check_triton()
-    dw, dv = _launch(_sqs_glu_bwd_kernel, (g, w, v), 2, c, lam, p)
+    dw, dv = _launch(_sqs_glu_bwd_kernel, (g, w, v), 2, c, lam, p, out)
     return dw, dv
 
 
@@ -259,7 +264,8 @@ def forward(w: torch.Tensor, v: torch.Tensor, c: float, lam: float, p: float) ->
 
 
 def backward(g: torch.Tensor, w: torch.Tensor, v: torch.Tensor, c: float, lam: float,
-             p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dw, dv) = (g * sqs(v), g * w * sqs'(v)); allocates only dw and dv."""
-    _check_inputs(g, w, v)
-    return _backward(g, w, v, c, lam, p)
+             p: float, out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dw, dv) = (g * sqs(v), g * w * sqs'(v)); allocates only dw and dv, or writes into
+    `out` = (dw, dv) buffers of w's shape, e.g. the two halves of the packed op's dx."""
+    _check_inputs(g, w, v, *(out or ()))
+    return _backward(g, w, v, c, lam, p, out)
