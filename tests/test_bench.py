@@ -24,3 +24,14 @@ def test_bench_lm_times_every_gate_against_swiglu(capsys):
     rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")][1:]
     assert [r.split(" | ")[0] for r in rows] == ["| silu", "| sqs", "| relu"]  # SwiGLU added as the baseline
     assert rows[0].endswith("| 1.000 |")
+
+
+def test_bench_head_chunked_loss_uses_less_memory_than_plain(capsys, tmp_path):
+    out = tmp_path / "head.md"
+    assert main(["bench", "head", "--batch", "8", "--reps", "1", "--out", str(out)]) == 0
+    rows = {r.split(" | ")[0][2:]: r.split(" | ") for r in capsys.readouterr().out.splitlines()
+            if r.startswith("| ") and not r.startswith("| variant")}
+    assert set(rows) == {"plain", "chunked"} and rows["plain"][2] == "1.00"
+    # 2,048 tokens x 4,096 vocab: the plain form holds full logits (32 MiB each), the chunked one a 512-row chunk
+    assert float(rows["chunked"][4].rstrip(" |")) < 0.5, rows
+    assert "vocab 4,096" in out.read_text()

@@ -1,4 +1,4 @@
-"""`sqs bench ops`, `sqs bench glu` and `sqs bench lm`."""
+"""`sqs bench ops`, `sqs bench glu`, `sqs bench head` and `sqs bench lm`."""
 
 from __future__ import annotations
 
@@ -58,6 +58,19 @@ def _glu(args) -> int:
     return 0
 
 
+def _head(args) -> int:
+    from sqs.bench.ops import bench_head, format_head_table
+    from sqs.experiments.lm import load_config
+
+    cfg = load_config(args.config)
+    tokens = (args.batch or cfg.batch_size // cfg.grad_accum) * cfg.context
+    res = bench_head(tokens, cfg.d_model, cfg.vocab_size, reps=args.reps)
+    table = format_head_table(res, tokens, cfg.d_model, cfg.vocab_size)
+    print(table)
+    _write(args.out, f"sqs bench head --config {args.config}", [table])
+    return 0
+
+
 def _lm(args) -> int:
     from sqs.bench.ops import format_lm_table
     from sqs.experiments.lm import load_config, measure_throughput
@@ -88,6 +101,14 @@ def register(sub, groups) -> None:
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--out", help="also write the table to this markdown file")
     p.set_defaults(func=_glu)
+
+    p = groups["bench"].add_parser("head", help="the LM's output layer + cross-entropy: plain vs chunked "
+                                                "(sqs.ops.linear_cross_entropy), time and peak memory")
+    p.add_argument("--config", default="tinystories-cpu", help="LM config name or .toml path (sizes and batch)")
+    p.add_argument("--batch", type=int, help="sequences per step (default: the config's micro-batch)")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--out", help="also write the table to this markdown file")
+    p.set_defaults(func=_head)
 
     p = groups["bench"].add_parser("lm", help="TinyStories model training step, all gates interleaved: tokens/s "
                                               "and ratio to SwiGLU")

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from sqs.functional import glu_packed, sqs_reference
 from sqs.ops import sqs_glu
+from sqs.ops.linear_cross_entropy import linear_cross_entropy
 
 # name -> y = f(w, v); "swiglu" is the baseline every ratio refers to.
 OP_VARIANTS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -126,15 +127,50 @@ def bench_glu(batch: int, width: int, reps: int = 10, dtype: torch.dtype = torch
 
 
 def format_ops_table(results: list[BenchResult], numel: int, dtype: torch.dtype) -> str:
-    base = next(r for r in results if r.name == "swiglu")
-    lines = [f"gate op forward+backward, {numel:,} elements, {str(dtype).replace('torch.', '')}, "
-             f"{torch.get_num_threads()} threads, median of the interleaved repetitions",
-             "", "| variant | time (ms) | time / swiglu | peak mem (MiB) | mem / swiglu |", "|---|---|---|---|---|"]
+    return _ratio_table(results, "swiglu", f"gate op forward+backward, {numel:,} elements, "
+                        f"{str(dtype).replace('torch.', '')}")
+
+
+def _ratio_table(results: list[BenchResult], base_name: str, what: str) -> str:
+    """Time and peak memory of each variant, and both as ratios to `base_name`'s."""
+    base = next(r for r in results if r.name == base_name)
+    lines = [f"{what}, {torch.get_num_threads()} threads, median of the interleaved repetitions",
+             "", f"| variant | time (ms) | time / {base_name} | peak mem (MiB) | mem / {base_name} |",
+             "|---|---|---|---|---|"]
     for r in results:
         mem = f"{r.peak_bytes / 2**20:.1f}" if r.peak_bytes is not None else "n/a"
         mr = f"{r.peak_bytes / base.peak_bytes:.2f}" if r.peak_bytes and base.peak_bytes else "n/a"
         lines.append(f"| {r.name} | {r.median_s * 1e3:.2f} | {r.median_s / base.median_s:.2f} | {mem} | {mr} |")
     return "\n".join(lines)
+
+
+# name -> loss of the output layer h @ w.T and cross-entropy; "plain" is the baseline.
+HEAD_VARIANTS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "plain": lambda h, w, t: F.cross_entropy((h @ w.T).float(), t),
+    "chunked": lambda h, w, t: linear_cross_entropy(h, w, t),
+}
+
+
+def bench_head(tokens: int = 8192, d_model: int = 128, vocab: int = 4096, reps: int = 10) -> list[BenchResult]:
+    """The LM's last step, logits and cross-entropy, forward + backward: plain vs chunked."""
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(tokens, d_model, generator=gen)
+    w = torch.randn(vocab, d_model, generator=gen) * 0.02
+    t = torch.randint(0, vocab, (tokens,), generator=gen)
+
+    def step(fn):
+        def run():
+            fn(h.detach().requires_grad_(), w.detach().requires_grad_(), t).backward()
+        return run
+
+    fns = {n: step(f) for n, f in HEAD_VARIANTS.items()}
+    times = time_interleaved(fns, reps=reps)
+    return [BenchResult(n, statistics.median(times[n]), _peak_bytes(fns[n])) for n in fns]
+
+
+def format_head_table(results: list[BenchResult], tokens: int, d_model: int, vocab: int) -> str:
+    return _ratio_table(results, "plain", f"output layer + cross-entropy forward+backward, {tokens:,} tokens x "
+                        f"d {d_model} -> vocab {vocab:,}, float32")
 
 
 def format_glu_table(grid: dict[tuple[int, int], list[BenchResult]]) -> str:
