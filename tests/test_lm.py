@@ -130,6 +130,9 @@ def test_linear_cross_entropy_chunks_and_errors():
         torch.testing.assert_close(out, ref)
         for a, b in zip(torch.autograd.grad(2 * out, (h, w)), ref_g):
             torch.testing.assert_close(a, b)
+    frozen = w.detach()  # a frozen output layer: only dL/dh, same values
+    (dh,) = torch.autograd.grad(2 * linear_cross_entropy(h, frozen, t, chunk_rows=5), (h,))
+    torch.testing.assert_close(dh, ref_g[0])
     with pytest.raises(ValueError, match="targets"):
         linear_cross_entropy(h, w, t[:-1])
     with pytest.raises(ValueError, match="reduction"):

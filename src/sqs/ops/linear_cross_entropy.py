@@ -51,10 +51,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 chunk_rows: int | None) -> torch.Tensor:
         n = h.shape[0]
         rows = _chunk_rows(weight.shape[0], chunk_rows)
+        need_h, need_w = ctx.needs_input_grad[:2]  # e.g. a frozen output layer: no dW
         with torch.autocast(h.device.type, enabled=False):
             hf, wf = h.float(), weight.float()
-            dh = torch.empty_like(hf)
-            dw = torch.zeros_like(wf)
+            dh = torch.empty_like(hf) if need_h else None
+            dw = torch.zeros_like(wf) if need_w else None
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             for i in range(0, n, rows):
                 hc, tc = hf[i:i + rows], targets[i:i + rows]
@@ -62,8 +63,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 total += loss
                 grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 grad[torch.arange(len(tc), device=grad.device), tc] -= 1.0
-                dh[i:i + rows] = grad @ wf
-                dw.addmm_(grad.T, hc)
+                if need_h:
+                    dh[i:i + rows] = grad @ wf
+                if need_w:
+                    dw.addmm_(grad.T, hc)
         scale = 1.0 / n if reduction == "mean" else 1.0
         ctx.save_for_backward(dh, dw)
         ctx.scale, ctx.dtypes = scale, (h.dtype, weight.dtype)
@@ -73,7 +76,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         dh, dw = ctx.saved_tensors
         s = g * ctx.scale
-        return (dh * s).to(ctx.dtypes[0]), (dw * s).to(ctx.dtypes[1]), None, None, None
+        return (None if dh is None else (dh * s).to(ctx.dtypes[0]),
+                None if dw is None else (dw * s).to(ctx.dtypes[1]), None, None, None)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
