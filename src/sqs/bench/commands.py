@@ -63,7 +63,7 @@ def _head(args) -> int:
     from sqs.experiments.lm import load_config
 
     cfg = load_config(args.config)
-    tokens = (args.batch or cfg.batch_size // cfg.grad_accum) * cfg.context
+    tokens = (args.batch or cfg.micro_batch) * cfg.context
     res = bench_head(tokens, cfg.d_model, cfg.vocab_size, reps=args.reps)
     table = format_head_table(res, tokens, cfg.d_model, cfg.vocab_size)
     print(table)

@@ -139,6 +139,11 @@ class LMRunConfig:
     def tokens_per_step(self) -> int:
         return self.batch_size * self.context
 
+    @property
+    def micro_batch(self) -> int:
+        """Sequences per micro-step, all ranks together."""
+        return self.batch_size // self.grad_accum
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["betas"] = list(self.betas)
@@ -268,7 +273,7 @@ class LMTask:
         self.amp = cfg.amp == "bf16" and self.device.type == "cuda"
 
     def per_rank(self, world: int) -> int:
-        per_micro = self.cfg.batch_size // self.cfg.grad_accum
+        per_micro = self.cfg.micro_batch
         if per_micro % world:
             raise ValueError(f"LMTask: batch_size / grad_accum = {per_micro} sequences per micro-step does not "
                              f"split over {world} processes; choose batch_size, grad_accum and the process "
@@ -281,7 +286,7 @@ class LMTask:
 
     def batch(self, step: int, micro: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.per_rank(world)
-        start = micro * (self.cfg.batch_size // self.cfg.grad_accum) + rank * n
+        start = micro * self.cfg.micro_batch + rank * n
         w = _windows(self.train_tokens, self.global_offsets(step)[start:start + n], self.ctx + 1)
         w = w.to(self.device, non_blocking=True)
         return w[:, :-1], w[:, 1:]
@@ -566,7 +571,7 @@ def measure_throughput(cfg: LMRunConfig, gates: list[str], reps: int = 12, batch
 
     from sqs.bench.ops import bench_lm
 
-    micro = batch or cfg.batch_size // cfg.grad_accum
+    micro = batch or cfg.micro_batch
     kw = cfg.model_kwargs(cfg.vocab_size)
     kw.pop("gate")
     print(f"timing one training step per gate, interleaved ({reps} rounds, {micro} sequences)", file=sys.stderr)

@@ -45,32 +45,38 @@ def _chunk_loss(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> tuple[torc
     return loss, logits, lse
 
 
+def _chunked(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int, need_h: bool,
+             need_w: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Summed loss over all rows and, where asked, its gradients dL/dh and dL/dW (float32)."""
+    with torch.autocast(h.device.type, enabled=False):
+        hf, wf = h.float(), weight.float()
+        dh = torch.empty_like(hf) if need_h else None
+        dw = torch.zeros_like(wf) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, h.shape[0], rows):
+            hc, tc = hf[i:i + rows], targets[i:i + rows]
+            loss, logits, lse = _chunk_loss(hc, wf, tc)
+            total += loss
+            if not (need_h or need_w):
+                continue
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            grad[torch.arange(len(tc), device=grad.device), tc] -= 1.0
+            if need_h:
+                dh[i:i + rows] = grad @ wf
+            if need_w:
+                dw.addmm_(grad.T, hc)
+    return total, dh, dw
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str,
                 chunk_rows: int | None) -> torch.Tensor:
-        n = h.shape[0]
-        rows = _chunk_rows(weight.shape[0], chunk_rows)
         need_h, need_w = ctx.needs_input_grad[:2]  # e.g. a frozen output layer: no dW
-        with torch.autocast(h.device.type, enabled=False):
-            hf, wf = h.float(), weight.float()
-            dh = torch.empty_like(hf) if need_h else None
-            dw = torch.zeros_like(wf) if need_w else None
-            total = torch.zeros((), dtype=torch.float32, device=h.device)
-            for i in range(0, n, rows):
-                hc, tc = hf[i:i + rows], targets[i:i + rows]
-                loss, logits, lse = _chunk_loss(hc, wf, tc)
-                total += loss
-                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                grad[torch.arange(len(tc), device=grad.device), tc] -= 1.0
-                if need_h:
-                    dh[i:i + rows] = grad @ wf
-                if need_w:
-                    dw.addmm_(grad.T, hc)
-        scale = 1.0 / n if reduction == "mean" else 1.0
+        total, dh, dw = _chunked(h, weight, targets, _chunk_rows(weight.shape[0], chunk_rows), need_h, need_w)
         ctx.save_for_backward(dh, dw)
-        ctx.scale, ctx.dtypes = scale, (h.dtype, weight.dtype)
-        return total * scale
+        ctx.scale, ctx.dtypes = (1.0 / h.shape[0] if reduction == "mean" else 1.0), (h.dtype, weight.dtype)
+        return total * ctx.scale
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -91,8 +97,5 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     _check(h, weight, targets, reduction)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return LinearCrossEntropyFunction.apply(h, weight, targets, reduction, chunk_rows)
-    rows = _chunk_rows(weight.shape[0], chunk_rows)
-    with torch.autocast(h.device.type, enabled=False):
-        hf, wf = h.float(), weight.float()
-        total = sum(_chunk_loss(hf[i:i + rows], wf, targets[i:i + rows])[0] for i in range(0, h.shape[0], rows))
+    total, _, _ = _chunked(h, weight, targets, _chunk_rows(weight.shape[0], chunk_rows), False, False)
     return total / h.shape[0] if reduction == "mean" else total
