@@ -22,7 +22,7 @@ def test_bench_glu_grid_table(capsys):
 def test_bench_lm_times_every_gate_against_swiglu(capsys):
     assert main(["bench", "lm", "--gates", "sqs", "relu", "--batch", "1", "--reps", "1"]) == 0
     rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")][1:]
-    assert [r.split(" | ")[0] for r in rows] == ["| silu", "| sqs", "| relu"]  # SwiGLU added as the baseline
+    assert [r.split(" | ")[0] for r in rows] == ["| swiglu", "| sqs", "| relu"]  # SwiGLU added as the baseline
     assert rows[0].endswith("| 1.000 |")
 
 

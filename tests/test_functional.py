@@ -226,8 +226,8 @@ def test_gate_params_for_parameterless_gate_rejected():
 
 
 def test_aliases():
-    assert SF.canonical_gate("bilinear") == "identity"
-    assert SF.canonical_gate("SwiGLU") == "silu"
+    assert SF.canonical_gate("bilinear") == "bilinear"
+    assert SF.canonical_gate("SwiGLU") == "swiglu"
 
 
 # ---- modules -------------------------------------------------------------------

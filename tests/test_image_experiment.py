@@ -149,7 +149,7 @@ def test_shipped_configs_match_the_paper_and_round_trip():
     assert s42.train_config(60000).steps == 20 * 117 and s41.train_config(60000).steps == 20 * 29
     cfg = im.load_config("sec42", ["model.gate=bilinear", "seed=3", "train.betas=[0.9, 0.95]",
                                    'dataset="fashion-mnist"'])
-    assert cfg.model.gate == "identity" and cfg.seed == 3 and cfg.dataset == "fashion-mnist"
+    assert cfg.model.gate == "bilinear" and cfg.seed == 3 and cfg.dataset == "fashion-mnist"
     text = cfg.to_toml()
     back = im.ImageRunConfig.from_dict(tomllib.loads(text))
     assert back == cfg and back.to_toml() == text
@@ -180,7 +180,7 @@ def test_grid_inline_skips_finished_runs_and_writes_the_report(tmp_path):
     runs, out = tmp_path / "runs", tmp_path / "results"
     specs = table1.plan_grid(runs, datasets=["mnist"], gates=["relu", "bilinear"], seeds=2, epochs=2,
                              overrides=TINY)
-    assert [s.run_dir for s in specs][:2] == [runs / "mnist/relu/seed0", runs / "mnist/identity/seed0"]
+    assert [s.run_dir for s in specs][:2] == [runs / "mnist/relu/seed0", runs / "mnist/bilinear/seed0"]
     s1 = table1.run_grid(specs, workers=1, threads=1, cache_dir=cache, progress=False, log_dir=runs)
     assert s1["n_trained"] == 4 and not s1["failed"]
     s2 = table1.run_grid(specs, workers=1, threads=1, cache_dir=cache, progress=False, log_dir=runs)

@@ -80,7 +80,7 @@ def tiny_cfg(**kw) -> lm.LMRunConfig:
 def test_gpt_is_causal_and_uses_the_glu_gate():
     torch.manual_seed(0)
     m = GPT(GPTConfig(vocab_size=50, n_layers=2, d_model=16, n_heads=2, d_hidden=16, context=12, gate="bilinear"))
-    assert all(b.mlp.gate == "identity" for b in m.blocks)
+    assert all(b.mlp.gate == "bilinear" for b in m.blocks)
     x = torch.randint(0, 50, (2, 12))
     y = x.clone()
     y[:, 7:] = (y[:, 7:] + 1) % 50
@@ -167,7 +167,7 @@ def test_shipped_configs_and_overrides():
     p = lm.plan(cpu, 4_174_385)
     assert p["steps"] * p["tokens_per_step"] == cpu.tokens
     c = lm.load_config("tinystories-paper", ["train.epochs=3", "lr=3e-4", "betas=[0.9, 0.95]"], gate="swiglu")
-    assert (c.epochs, c.lr, c.betas, c.gate, c.tokens) == (3, 3e-4, (0.9, 0.95), "silu", None)
+    assert (c.epochs, c.lr, c.betas, c.gate, c.tokens) == (3, 3e-4, (0.9, 0.95), "swiglu", None)
     with pytest.raises(ValueError, match="unknown key"):
         lm.load_config("tinystories-cpu", ["learning_rate=1"])
     with pytest.raises(ValueError, match="exactly one"):
@@ -296,7 +296,7 @@ def test_experiment_writes_table_curves_samples_and_skips_finished_runs(cache, t
               cache_dir=cache, progress=False, max_new_tokens=12)
     table = lm.run_experiment(cfg, throughput_reps=2, **kw)
     runs = [(r["gate"], r["seed"]) for r in table["runs"]]
-    assert runs == [("sqs", 0), ("identity", 0), ("sqs", 1)]
+    assert runs == [("sqs", 0), ("bilinear", 0), ("sqs", 1)]
     assert all(r["complete"] and set(r["at"]) == {"25%", "50%", "75%", "100%"} for r in table["runs"])
     out = tmp_path / "results"
     md = (out / "table.md").read_text()
@@ -304,7 +304,7 @@ def test_experiment_writes_table_curves_samples_and_skips_finished_runs(cache, t
     assert "exp(mean" in md
     # every gate's training step is timed side by side, beside the runs' own tokens/s
     tp = json.loads((out / "throughput.json").read_text())
-    assert set(tp["gates"]) == {"sqs", "identity"} and all(g["tokens_per_s"] > 0 for g in tp["gates"].values())
+    assert set(tp["gates"]) == {"sqs", "bilinear"} and all(g["tokens_per_s"] > 0 for g in tp["gates"].values())
     assert "## Training throughput" in md and table["per_gate"]["sqs"]["interleaved_tokens_per_s"] > 0
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     samples = (out / "samples.md").read_text()

@@ -56,7 +56,7 @@ def test_symmetrising_keeps_the_quadratic_form():
 def test_bilinear_decomposition_reproduces_model_logits():
     model = make_model("identity", seed=3)
     dec = decompose(model)
-    assert dec.exact and dec.reading == EXACT_READING and dec.gate == "identity"
+    assert dec.exact and dec.reading == EXACT_READING and dec.gate == "bilinear"
     img = torch.rand(64, PIX, dtype=torch.float64)
     z = model(img)
     torch.testing.assert_close(surrogate_logits(dec, dec.embed_images(img)), z, rtol=1e-9, atol=1e-10)

@@ -26,8 +26,13 @@ DEFAULT_C = 0.01
 DEFAULT_LAM = 0.5
 DEFAULT_P = 1.0
 
-GATES = ("relu", "gelu", "silu", "identity", "sqs")
-GATE_ALIASES = {"bilinear": "identity", "swiglu": "silu", "swish": "silu", "linear": "identity"}
+#: The paper's gate names, used everywhere a user sees a gate (flags, run directories, JSON keys,
+#: tables, plots, benchmark rows).
+GATES = ("relu", "gelu", "swiglu", "bilinear", "sqs")
+#: How a gate is written in tables and plot legends.
+GATE_LABEL = {"relu": "ReLU", "gelu": "GELU", "swiglu": "SwiGLU", "bilinear": "Bilinear", "sqs": "SQS"}
+#: Accepted by the Python API and the CLI, mapped to the names above.
+GATE_ALIASES = {"silu": "swiglu", "swish": "swiglu", "identity": "bilinear", "linear": "bilinear"}
 
 
 def check_sqs_params(c: float, lam: float, p: float) -> None:
@@ -138,8 +143,8 @@ def gate_fn(gate: str, **gate_kwargs) -> Callable[[torch.Tensor], torch.Tensor]:
     return {
         "relu": F.relu,
         "gelu": lambda v: F.gelu(v, approximate="none"),
-        "silu": F.silu,
-        "identity": lambda v: v,
+        "swiglu": F.silu,
+        "bilinear": lambda v: v,
     }[gate]
 
 

@@ -76,7 +76,7 @@ def _lm(args) -> int:
     from sqs.experiments.lm import load_config, measure_throughput
     from sqs.functional import canonical_gate
 
-    gates = list(dict.fromkeys(["silu"] + [canonical_gate(g) for g in args.gates]))  # SwiGLU: the baseline
+    gates = list(dict.fromkeys(["swiglu"] + [canonical_gate(g) for g in args.gates]))  # SwiGLU: the baseline
     tp = measure_throughput(load_config(args.config), gates, reps=args.reps, batch=args.batch)
     table = format_lm_table(tp)
     print(table)
@@ -113,7 +113,7 @@ def register(sub, groups) -> None:
     p = groups["bench"].add_parser("lm", help="TinyStories model training step, all gates interleaved: tokens/s "
                                               "and ratio to SwiGLU")
     p.add_argument("--config", default="tinystories-cpu", help="LM config name or .toml path (model and batch)")
-    p.add_argument("--gates", nargs="+", default=["silu", "sqs", "relu", "gelu", "identity"],
+    p.add_argument("--gates", nargs="+", default=["swiglu", "sqs", "relu", "gelu", "bilinear"],
                    help="gates (first-class names; silu is the baseline)")
     p.add_argument("--batch", type=int, help="sequences per step (default: the config's micro-batch)")
     p.add_argument("--reps", type=int, default=12)

@@ -110,8 +110,8 @@ def _glu_step(gate: str, fused: bool, x: torch.Tensor, w_in: torch.Tensor, w_out
 
 
 GLU_VARIANTS = {  # name -> (gate, fused)
-    "swiglu": ("silu", True), "relu": ("relu", True), "gelu": ("gelu", True),
-    "bilinear": ("identity", True), "sqs-eager": ("sqs", False), "sqs-fused": ("sqs", True),
+    "swiglu": ("swiglu", True), "relu": ("relu", True), "gelu": ("gelu", True),
+    "bilinear": ("bilinear", True), "sqs-eager": ("sqs", False), "sqs-fused": ("sqs", True),
 }
 
 

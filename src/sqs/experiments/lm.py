@@ -58,11 +58,11 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "lm"
 PAPER_FINAL = {
     "relu": (1.9021, 7.65),
     "gelu": (1.9061, 7.80),
-    "silu": (1.9042, 7.73),
-    "identity": (1.9065, 7.80),
+    "swiglu": (1.9042, 7.73),
+    "bilinear": (1.9065, 7.80),
     "sqs": (1.9020, 7.63),
 }
-GATE_LABEL = {"relu": "ReLU", "gelu": "GELU", "silu": "SwiGLU", "identity": "Bilinear", "sqs": "SQS"}
+GATE_LABEL = {"relu": "ReLU", "gelu": "GELU", "swiglu": "SwiGLU", "bilinear": "Bilinear", "sqs": "SQS"}
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 DEFAULT_PROMPTS = ("Once upon a time", "One day, a little girl named Lily", "The dog was sad because")
 
@@ -506,7 +506,7 @@ def run_name(gate: str, seed: int) -> str:
 def experiment_runs(gates, extra_seeds, seed: int = 0) -> list[tuple[str, int]]:
     runs = [(canonical_gate(g), seed) for g in gates]
     for s in extra_seeds:
-        for g in ("sqs", "silu"):
+        for g in ("sqs", "swiglu"):
             if canonical_gate(g) in [canonical_gate(x) for x in gates]:
                 runs.append((canonical_gate(g), int(s)))
     seen, out = set(), []
@@ -577,7 +577,7 @@ def measure_throughput(cfg: LMRunConfig, gates: list[str], reps: int = 12, batch
     print(f"timing one training step per gate, interleaved ({reps} rounds, {micro} sequences)", file=sys.stderr)
     res = bench_lm([canonical_gate(g) for g in gates], batch_size=micro, reps=reps, **kw)
     tps = micro * cfg.context
-    ref = next((r.median_s for r in res if r.name == "silu"), None)
+    ref = next((r.median_s for r in res if r.name == "swiglu"), None)
     out = {"measured": f"{datetime.datetime.now():%Y-%m-%d %H:%M}", "threads": torch.get_num_threads(),
            "reps": reps, "sequences_per_step": micro, "tokens_per_step": tps,
            "gates": {r.name: {"step_s": r.median_s, "tokens_per_s": tps / r.median_s,
@@ -729,7 +729,7 @@ def _table_md(rows, per_gate, cfg, plan_, data_, throughput=None) -> str:
               "them shows up as a gap between gates. *Interleaved*: one training step (forward, backward, "
               "AdamW) of each gate in turn on the same batch, median over the rounds, measured right after "
               "training; load drift hits every gate alike, so this is the fair comparison.", ""]
-        ref_run = per_gate.get("silu", {}).get("train_tokens_per_s_mean")
+        ref_run = per_gate.get("swiglu", {}).get("train_tokens_per_s_mean")
         L += ["| Gate | runs: tok/s | runs: ÷ SwiGLU | interleaved: tok/s | interleaved: ÷ SwiGLU |",
               "|---|---|---|---|---|"]
         for gate, g in per_gate.items():
@@ -765,7 +765,7 @@ def _plot_curves(rows, path: Path, cfg) -> None:
 
     from sqs.io import save_figure
 
-    colors = {"relu": "tab:blue", "gelu": "tab:orange", "silu": "tab:green", "identity": "tab:purple",
+    colors = {"relu": "tab:blue", "gelu": "tab:orange", "swiglu": "tab:green", "bilinear": "tab:purple",
               "sqs": "tab:red"}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     first_seed = {}

@@ -39,13 +39,13 @@ from typing import Any, Iterable, Sequence
 
 from sqs.io import atomic_write, read_jsonl, save_figure, write_json, write_text
 
-GATE_ORDER = ("relu", "gelu", "silu", "identity", "sqs")
-GATE_LABEL = {"relu": "ReLU", "gelu": "GELU", "silu": "SwiGLU", "identity": "Bilinear", "sqs": "SQS"}
+GATE_ORDER = ("relu", "gelu", "swiglu", "bilinear", "sqs")
+GATE_LABEL = {"relu": "ReLU", "gelu": "GELU", "swiglu": "SwiGLU", "bilinear": "Bilinear", "sqs": "SQS"}
 DATASET_ORDER = ("mnist", "fashion-mnist")
 DATASET_LABEL = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 THRESHOLDS = (0.80, 0.85, 0.90)
-GATE_COLOR = {"relu": "tab:blue", "gelu": "tab:orange", "silu": "tab:green", "identity": "tab:purple", "sqs": "tab:red"}
+GATE_COLOR = {"relu": "tab:blue", "gelu": "tab:orange", "swiglu": "tab:green", "bilinear": "tab:purple", "sqs": "tab:red"}
 
 
 # ----------------------------------------------------------------------------- grid
@@ -483,10 +483,10 @@ def render_markdown(s: dict, paper: dict, grid_log: list[dict]) -> str:
                          + (f"; paper {_ranking(pap_l)}" if pap_l else ""))
         claims = []
         for f in FRACTIONS:
-            c = {g: s["cells"].get(f"{ds}/{g}", {}).get("fractions", {}).get(f) for g in ("sqs", "relu", "identity")}
+            c = {g: s["cells"].get(f"{ds}/{g}", {}).get("fractions", {}).get(f) for g in ("sqs", "relu", "bilinear")}
             if all(c.values()):
                 claims.append(c["sqs"]["test_loss"]["mean"] < min(c["relu"]["test_loss"]["mean"],
-                                                                 c["identity"]["test_loss"]["mean"]))
+                                                                 c["bilinear"]["test_loss"]["mean"]))
         if claims:
             L.append(f"- Paper: SQS has lower test loss than ReLU and Bilinear at every checkpoint → ours: "
                      f"{'holds' if all(claims) else 'does not hold'} "

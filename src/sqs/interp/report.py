@@ -19,7 +19,7 @@ import torch
 from sqs.interp.spectra import DEFAULT_KS, Decomposition, cosine_per_rank, decompose, fidelity, model_logits
 from sqs.io import write_json, write_text
 
-GATE_TITLES = {"identity": "Bilinear", "bilinear": "Bilinear", "sqs": "SQS"}
+GATE_TITLES = {"bilinear": "Bilinear", "sqs": "SQS"}
 
 
 # --------------------------------------------------------------------------- runs

@@ -43,7 +43,7 @@ from sqs.functional import DEFAULT_C, DEFAULT_LAM, canonical_gate
 
 EXACT_READING = "exact (bilinear)"
 FIRST_ORDER_READING = "first-order (gate treated as identity)"
-UNSUPPORTED_GATES = ("relu", "gelu", "silu")
+UNSUPPORTED_GATES = ("relu", "gelu", "swiglu")
 DEFAULT_KS = (1, 2, 5, 10, None)  # None = all eigenvectors
 
 
@@ -109,7 +109,7 @@ class Decomposition:
     @property
     def label(self) -> str:
         """Short name for titles: e.g. "Bilinear (exact)" or "SQS (first-order reading)"."""
-        name = {"identity": "Bilinear", "sqs": "SQS"}.get(self.gate, self.gate.upper())
+        name = {"bilinear": "Bilinear", "sqs": "SQS"}.get(self.gate, self.gate.upper())
         return f"{name} ({'exact' if self.exact else 'first-order reading'})"
 
     def embed_images(self, img: torch.Tensor) -> torch.Tensor:
@@ -157,7 +157,7 @@ def gate_reading(gate: str, gate_kwargs: dict | None = None, force: bool = False
     """(exact, reading label) for a gate; raises UnsupportedGate for relu/gelu/silu unless force."""
     gate = canonical_gate(gate)
     kw = gate_kwargs or {}
-    if gate == "identity":
+    if gate == "bilinear":
         return True, EXACT_READING
     if gate == "sqs":
         if kw.get("c", DEFAULT_C) == 0 and kw.get("lam", DEFAULT_LAM) == 0:
