@@ -265,7 +265,7 @@ def prepare_run_dir(run_dir: str | Path, config: dict, allow_changes: Iterable[s
     - No config.json: it is written.
     - Same config: nothing to do.
     - Another config, but the directory never trained (no checkpoint, no final weights; a
-      refused start): its files move to `<run_dir>/not-started-<n>/` and `config` is used.
+      refused start): its files are kept as `<name>.not-started-<n>` and `config` is used.
     - Another config in a run that trained: RunConfigMismatch, unless every differing
       key is allowed (argument `allow_changes` or the `allow_changes(...)` context, keys from
       ALLOWED_CHANGES); then config.json is updated and each change recorded in history.jsonl.
@@ -312,17 +312,15 @@ def prepare_run_dir(run_dir: str | Path, config: dict, allow_changes: Iterable[s
     return run_dir
 
 
-def _set_aside_unstarted(run_dir: Path) -> Path:
-    n = 1
-    while (run_dir / f"not-started-{n}").exists():
-        n += 1
-    dest = run_dir / f"not-started-{n}"
-    dest.mkdir()
+def _set_aside_unstarted(run_dir: Path) -> list[Path]:
+    """Keep the files of a start that never trained as `<name>.not-started-<n>` (renamed in
+    place, so nothing looks for them as a run: no second config.json appears)."""
+    moved = []
     for p in sorted(run_dir.iterdir()):
-        if p.name in (LOCK, HISTORY) or p.name.startswith("not-started-") or p.name.startswith("."):
+        if p.name in (LOCK, HISTORY) or ".not-started-" in p.name or p.name.startswith(".") or not p.is_file():
             continue
-        os.replace(p, dest / p.name)
-    record_event(run_dir, "not_started_set_aside", to=dest.name)
-    warnings.warn(f"{run_dir} held a start that never trained (no checkpoint) with another config; its files "
-                  f"are kept in {dest} and the new config is used", DataWarning, stacklevel=3)
-    return dest
+        moved.append(move_aside(p, "not-started"))
+    record_event(run_dir, "not_started_set_aside", files=[m.name for m in moved])
+    warnings.warn(f"{run_dir} held a start that never trained (no checkpoint) with another config; its files are "
+                  f"kept as {', '.join(m.name for m in moved)} and the new config is used", DataWarning, stacklevel=3)
+    return moved
