@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -272,8 +273,6 @@ def _resume_from(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.O
                   to=to.name, why="damaged")
             continue
         if path != ckpt:
-            import os
-
             os.replace(path, ckpt)
             _note(run_dir, f"{run_dir}: resuming from the previous checkpoint (step {meta.get('step')})",
                   "checkpoint_fallback", step=meta.get("step"))
