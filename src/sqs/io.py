@@ -1,12 +1,27 @@
-"""Atomic file writes: a crash never leaves a half-written result behind."""
+"""Atomic file writes: a crash never leaves a half-written result behind.
+
+Also the one base class of errors a person can fix (`UserError`): the CLI prints such an
+error's message as one line, without a traceback.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+
+class UserError(Exception):
+    """An error the user can fix: its message is one line naming the problem (file, flag or
+    setting) and the fix. The CLI prints it without a traceback and exits with status 2."""
+
+
+class DataWarning(UserWarning):
+    """Something in a file on disk was damaged and skipped or set aside (nothing was lost)."""
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -17,6 +32,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     os.close(fd)
     try:
         write(Path(tmp))
+        _fsync(Path(tmp))  # the data reach the disk before the rename makes them visible
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results should be readable like any file
@@ -25,6 +41,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -49,17 +78,61 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 120, **savefig_kwargs) 
         plt.close(fig)
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Records of a JSON-lines file; stops at a line cut short by a crash (all before it is good)."""
+@dataclass
+class JsonlScan:
+    """A JSON-lines file read line by line: the good records (with their 1-based line
+    numbers) and the numbers of the lines that are not a JSON object."""
+
+    records: list[dict] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)
+    damaged: list[int] = field(default_factory=list)
+    exists: bool = True
+
+
+def scan_jsonl(path: str | os.PathLike) -> JsonlScan:
+    """Every readable record of a JSON-lines file, and the line numbers of damaged ones.
+
+    A damaged line (a partial write, flipped bytes) costs only itself: the lines after it
+    are still read. Blank lines are ignored.
+    """
     path = Path(path)
     if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
+        return JsonlScan(exists=False)
+    out = JsonlScan()
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
             try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
+                rec = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                out.damaged.append(n)
+                continue
+            if isinstance(rec, dict):
+                out.records.append(rec)
+                out.lines.append(n)
+            else:
+                out.damaged.append(n)
     return out
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Records of a JSON-lines file (none if it does not exist).
+
+    Damaged lines are skipped with a DataWarning naming the file and line numbers; the
+    records after them are kept (a line cut short by a crash loses only that line).
+    """
+    scan = scan_jsonl(path)
+    if scan.damaged:
+        warnings.warn(f"{path}: line(s) {', '.join(map(str, scan.damaged[:10]))}"
+                      f"{' ...' if len(scan.damaged) > 10 else ''} damaged (not a JSON record), skipped",
+                      DataWarning, stacklevel=2)
+    return scan.records
+
+
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    """Append one record as one line, flushed and fsynced (a crash loses at most this line)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

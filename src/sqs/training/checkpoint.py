@@ -1,12 +1,24 @@
-"""Checkpoints as safetensors: model and AdamW state, no pickle anywhere.
+"""Checkpoints as safetensors: model and AdamW state, no pickle anywhere, content-verified.
 
 A training checkpoint holds `model.*` and `optim.<param index>.<state name>`
 tensors; scalars (step, running sums) go in the safetensors metadata as JSON.
+
+Integrity: every file carries, in its safetensors metadata (`sqs_sha256`), the sha256 of
+its content: each tensor's name, dtype, shape and bytes (in name order) and the metadata
+JSON. The hash travels with the file (a renamed or copied checkpoint still verifies), and
+loading recomputes it, so a file with flipped bits is refused with its name instead of
+being trained on. A file is written to a temporary name, read back and verified, then
+renamed into place; with `keep_previous` the file it replaces stays as
+`<name>.prev.safetensors` until then. Files from before this scheme (no hash) still load,
+with a one-time note. Tensors that are not finite are never written (`NonFiniteState`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +26,31 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sqs.io import atomic_write
+from sqs.io import DataWarning, UserError, atomic_write
+
+HASH_KEY = "sqs_sha256"
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(UserError, RuntimeError):
+    """A weights file that cannot be used: missing, unreadable, or from another model."""
+
+
+class CheckpointCorrupt(CheckpointError):
+    """A weights file whose content does not match its stored sha256 (damaged on disk)."""
+
+
+class NonFiniteState(CheckpointError):
+    """Refused to write a checkpoint whose parameters or optimizer state hold inf or NaN."""
+
+    def __init__(self, message: str, tensor: str):
+        super().__init__(message)
+        self.tensor = tensor
+
+
+def previous_path(path: str | Path) -> Path:
+    """Where `save_checkpoint(..., keep_previous=True)` keeps the file it replaces."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
 def _flat_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, torch.Tensor]:
@@ -32,42 +64,122 @@ def _flat_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None)
     return tensors
 
 
+def content_hash(tensors: dict[str, torch.Tensor], meta_json: str) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every tensor in name order, then the metadata."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k]
+        h.update(f"{k}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}|".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(b"meta|" + meta_json.encode())
+    return h.hexdigest()
+
+
+def first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """Name of the first floating-point tensor holding inf or NaN, else None."""
+    for k, t in tensors.items():
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            return k
+    return None
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise CheckpointCorrupt(f"checkpoint {path} is not a readable safetensors file ({e}); "
+                                "move it away (or delete the run directory to start over)") from e
+    return tensors, metadata
+
+
+_NOTED: set[str] = set()
+
+
+def _verify(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, Any]:
+    stored = metadata.get(HASH_KEY)
+    meta_json = metadata.get("meta", "{}")
+    if stored is None:
+        key = str(path.resolve())
+        if key not in _NOTED:
+            _NOTED.add(key)
+            warnings.warn(f"{path} has no content hash (written by an older sqs); loaded without verification",
+                          DataWarning, stacklevel=3)
+    elif content_hash(tensors, meta_json) != stored:
+        raise CheckpointCorrupt(f"checkpoint {path} is damaged: its content does not match its sha256 "
+                                "(bits changed on disk); it is not used")
+    try:
+        meta = json.loads(meta_json)
+    except json.JSONDecodeError as e:
+        raise CheckpointCorrupt(f"checkpoint {path} has unreadable metadata ({e})") from e
+    if not isinstance(meta, dict):
+        raise CheckpointCorrupt(f"checkpoint {path} has metadata that is not a JSON object")
+    return meta
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read `path` completely and check its sha256; return its metadata (step, ...).
+
+    Raises CheckpointCorrupt naming the file on any mismatch or read error."""
+    path = Path(path)
+    return _verify(path, *_read(path))
+
+
 def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    meta: dict[str, Any] | None = None) -> Path:
+                    meta: dict[str, Any] | None = None, *, keep_previous: bool = False) -> Path:
+    """Write model (+ optimizer) state and `meta` to `path`, verified, atomically.
+
+    Raises NonFiniteState (and writes nothing) if any tensor holds inf/NaN. With
+    `keep_previous`, the file being replaced stays as `previous_path(path)`.
+    """
+    path = Path(path)
     tensors = _flat_state(model, optimizer)
-    metadata = {"meta": json.dumps(meta or {})}
-    return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
+    bad = first_nonfinite(tensors)
+    if bad is not None:
+        raise NonFiniteState(f"not writing {path}: tensor {bad} holds inf or NaN", bad)
+    meta_json = json.dumps(meta or {})
+    metadata = {"meta": meta_json, HASH_KEY: content_hash(tensors, meta_json)}
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata=metadata)
+        verify_checkpoint(tmp)  # what is on disk reads back as what we meant to write
+
+    if keep_previous and path.exists():
+        prev = previous_path(path)
+        tmp_link = prev.with_name(f".{prev.name}.link")
+        tmp_link.unlink(missing_ok=True)
+        try:
+            os.link(path, tmp_link)  # cheap: the old file keeps its inode under the new name
+        except OSError:
+            import shutil
+
+            shutil.copy2(path, tmp_link)
+        os.replace(tmp_link, prev)
+    return atomic_write(path, write)
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
+    """The metadata of a checkpoint (step, ...), read from the header only: not verified."""
     with safe_open(str(path), framework="pt") as f:
         return json.loads((f.metadata() or {}).get("meta", "{}"))
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
                     ) -> dict[str, Any]:
-    """Restore model (strictly) and optimizer state; return the metadata.
+    """Verify `path`, restore model (strictly) and optimizer state; return the metadata.
 
-    A checkpoint from a model of another shape raises CheckpointError naming the
-    first mismatching tensor, instead of PyTorch's long load_state_dict report.
+    A damaged file raises CheckpointCorrupt naming it. A checkpoint from a model of
+    another shape raises CheckpointError naming the first mismatching tensor, instead of
+    PyTorch's long load_state_dict report.
     """
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    model_state, optim_state = {}, {}
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
-            for k in f.keys():
-                if k.startswith("model."):
-                    model_state[k[6:]] = f.get_tensor(k)
-                elif k.startswith("optim."):
-                    optim_state[k[6:]] = f.get_tensor(k)
-    except CheckpointError:
-        raise
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {path} is not a readable safetensors file ({e}); "
-                              "delete it to restart the run from scratch") from e
+    tensors, metadata = _read(path)
+    meta = _verify(path, tensors, metadata)
+    model_state = {k[6:]: t for k, t in tensors.items() if k.startswith("model.")}
+    optim_state = {k[6:]: t for k, t in tensors.items() if k.startswith("optim.")}
     own = model.state_dict()
     missing = sorted(set(own) - set(model_state))
     extra = sorted(set(model_state) - set(own))
@@ -82,20 +194,28 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     if optimizer is not None and optim_state:
         params = [p for g in optimizer.param_groups for p in g["params"]]
         per_param: dict[int, dict[str, torch.Tensor]] = {}
-        for k, t in optim_state.items():
-            i, name = k.split(".", 1)
-            per_param.setdefault(int(i), {})[name] = t
-        for i, state in per_param.items():
-            p = params[i]
-            optimizer.state[p] = {n: (t.to(p.device) if n != "step" else t) for n, t in state.items()}
+        try:
+            for k, t in optim_state.items():
+                i, name = k.split(".", 1)
+                per_param.setdefault(int(i), {})[name] = t
+            for i, state in per_param.items():
+                p = params[i]
+                for n, t in state.items():
+                    if n != "step" and t.shape != p.shape:
+                        raise ValueError(f"optimizer state {i}.{n} has shape {tuple(t.shape)}, "
+                                         f"the parameter {tuple(p.shape)}")
+                optimizer.state[p] = {n: (t.to(p.device) if n != "step" else t) for n, t in state.items()}
+        except (ValueError, IndexError) as e:
+            raise CheckpointError(f"checkpoint {path} holds optimizer state for another model ({e}); "
+                                  "it was made with a different config") from e
     return meta
 
 
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Just the model tensors (for analysis), keys without the `model.` prefix."""
-    out = {}
-    with safe_open(str(path), framework="pt") as f:
-        for k in f.keys():
-            if k.startswith("model."):
-                out[k[6:]] = f.get_tensor(k)
-    return out
+def load_weights(path: str | Path, verify: bool = True) -> dict[str, torch.Tensor]:
+    """Just the model tensors (for analysis), keys without the `model.` prefix; verified
+    against the file's sha256 unless `verify` is False."""
+    path = Path(path)
+    tensors, metadata = _read(path)
+    if verify:
+        _verify(path, tensors, metadata)
+    return {k[6:]: t for k, t in tensors.items() if k.startswith("model.")}

@@ -1,16 +1,24 @@
 """One trainer for every experiment (images and language models).
 
-A run is a directory:
+A run is a directory (see sqs.training.rundir):
 
-    config.json          everything needed to rebuild model and data (written once)
-    metrics.jsonl        one JSON record per evaluation (appended, flushed)
-    checkpoint.safetensors  model + AdamW state + step, written atomically
+    config.json          everything needed to rebuild model and data
+    metrics.jsonl        one JSON record per evaluation (appended, fsynced)
+    history.jsonl        events: starts, allowed config changes, divergence, repairs
+    checkpoint.safetensors  model + AdamW state + step, verified (sha256), written atomically;
+                         checkpoint.prev.safetensors is the one before it
     model.safetensors    final weights (present only when the run finished)
+    run.lock             held by the one process that trains the run
 
 Resumability: the batch of step t is drawn from a generator seeded by
 (seed, t), and the learning rate is a pure function of t, so a run restarted from
 its last checkpoint replays exactly the steps an uninterrupted run would take and
 ends with the same numbers.
+
+Faults (docs/reliability.md): a damaged newest checkpoint is set aside and the previous
+one used; damaged metrics lines are set aside with the file, never truncated away; a
+second process on the same directory is refused; a non-finite loss or state stops the run
+with a message that says which checkpoint is good.
 
 The experiment supplies a `Task`:
     task.batch(step, micro, rank, world) -> batch   (deterministic in its arguments)
@@ -28,25 +36,65 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterable, Protocol
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from sqs.io import read_jsonl, write_json
-from sqs.training.checkpoint import load_checkpoint, save_checkpoint
+from sqs.io import DataWarning, UserError, append_jsonl, read_jsonl, scan_jsonl, write_text
+from sqs.training.checkpoint import (
+    CheckpointCorrupt,
+    NonFiniteState,
+    load_checkpoint,
+    previous_path,
+    read_meta,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from sqs.training.rundir import (  # noqa: F401  (re-exported: the trainer's public names)
+    ALLOWED_CHANGES,
+    CHECKPOINT,
+    METRICS,
+    MODEL,
+    RunConfigMismatch,
+    RunDirError,
+    RunLock,
+    RunLocked,
+    active_divergence,
+    allow_changes,
+    change_hint,
+    copy_aside,
+    has_started,
+    move_aside,
+    prepare_run_dir,
+    read_history,
+    record_event,
+)
 
 
 class TrainingDiverged(RuntimeError):
-    pass
+    """The loss or the trained state became inf/NaN; the message says at which step and
+    which checkpoint a resume would use. `step` and `checkpoint_step` (None: no good
+    checkpoint) carry the same facts for programs."""
+
+    def __init__(self, message: str, step: int | None = None, checkpoint_step: int | None = None):
+        super().__init__(message)
+        self.step = step
+        self.checkpoint_step = checkpoint_step
 
 
-class RunConfigMismatch(ValueError):
-    pass
+class ConfigError(UserError, ValueError):
+    """A training setting out of range (the message names it and the valid range)."""
+
+
+def _finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass
@@ -66,12 +114,30 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.steps <= 0:
-            raise ValueError(f"TrainConfig: `steps` must be > 0, got {self.steps}")
-        if self.grad_accum < 1:
-            raise ValueError(f"TrainConfig: `grad_accum` must be >= 1, got {self.grad_accum}")
+        """Every number is checked here, before any file is written (a refused start leaves nothing)."""
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise ConfigError(f"TrainConfig: `{name}` must be {rule}, got {getattr(self, name)!r}")
+
+        def is_int(x: Any) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        need(is_int(self.steps) and self.steps > 0, "steps", "an int > 0")
+        need(_finite_number(self.lr) and self.lr > 0, "lr", "a finite number > 0")
+        need(_finite_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a finite number >= 0")
+        need(_finite_number(self.min_lr) and 0 <= self.min_lr <= self.lr, "min_lr", "a number in [0, lr]")
+        need(_finite_number(self.grad_clip) and self.grad_clip >= 0, "grad_clip", "a finite number >= 0 (0 = off)")
+        need(is_int(self.grad_accum) and self.grad_accum >= 1, "grad_accum", "an int >= 1")
+        need(is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps", "an int >= 0")
+        need(is_int(self.eval_every) and self.eval_every >= 0, "eval_every", "an int >= 0 (0 = only fractions)")
+        need(is_int(self.checkpoint_every) and self.checkpoint_every >= 0, "checkpoint_every",
+             "an int >= 0 (0 = at every evaluation)")
+        need(is_int(self.seed), "seed", "an int")
         self.betas = tuple(self.betas)
+        need(len(self.betas) == 2 and all(_finite_number(b) and 0 <= b < 1 for b in self.betas), "betas",
+             "two numbers in [0, 1)")
         self.fractions = tuple(self.fractions)
+        need(all(_finite_number(f) and 0 < f <= 1 for f in self.fractions), "fractions", "numbers in (0, 1]")
 
     def eval_steps(self) -> set[int]:
         s = {min(self.steps, max(1, round(f * self.steps))) for f in self.fractions}
@@ -130,61 +196,201 @@ def _dist() -> tuple[int, int]:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    return read_jsonl(Path(run_dir) / "metrics.jsonl")
+    """The evaluation records of a run; damaged lines are skipped with a warning naming
+    their line numbers (the records after them are kept)."""
+    return read_jsonl(Path(run_dir) / METRICS)
 
 
 def is_complete(run_dir: str | Path) -> bool:
     run_dir = Path(run_dir)
-    return (run_dir / "model.safetensors").exists() and any(m.get("final") for m in read_metrics(run_dir))
+    return (run_dir / MODEL).exists() and any(m.get("final") for m in read_metrics(run_dir))
 
 
-def prepare_run_dir(run_dir: str | Path, config: dict) -> Path:
-    """Create the run directory or check that an existing one was made with `config`."""
-    run_dir = Path(run_dir)
-    path = run_dir / "config.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old != json.loads(json.dumps(config)):
-            diffs = [k for k in sorted(set(old) | set(config)) if old.get(k) != json.loads(json.dumps(config)).get(k)]
-            raise RunConfigMismatch(
-                f"run directory {run_dir} was made with a different config (differs in: {', '.join(diffs)}); "
-                "choose another run directory or delete this one to start over")
+def _note(run_dir: Path, message: str, event: str, **fields: Any) -> None:
+    record_event(run_dir, event, **fields)
+    warnings.warn(message, DataWarning, stacklevel=3)
+
+
+def _repair_metrics(run_dir: Path, keep_until: int | None) -> list[dict]:
+    """The readable records of metrics.jsonl with step <= `keep_until` (all if None).
+
+    When that is not the whole file (damaged lines, or records after the checkpoint that
+    the resume replays), the file is first copied aside as `metrics.jsonl.<why>-<n>`, then
+    rewritten atomically with the records kept: nothing is dropped without a copy."""
+    path = run_dir / METRICS
+    scan = scan_jsonl(path)
+    keep, later = [], []
+    for r in scan.records:
+        ok = isinstance(r.get("step"), int) and (keep_until is None or r["step"] <= keep_until)
+        (keep if ok else later).append(r)
+    if scan.damaged or later:
+        why = "damaged" if scan.damaged else "replayed"
+        aside = copy_aside(path, why)
+        write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+        parts = []
+        if scan.damaged:
+            parts.append(f"line(s) {', '.join(map(str, scan.damaged[:10]))} are damaged")
+        if later:
+            parts.append(f"{len(later)} record(s) after step {keep_until} are replayed by the resume")
+        msg = f"{path}: {' and '.join(parts)}; the file is kept as {aside.name} and the rest is kept in place"
+        record_event(run_dir, "metrics_set_aside", to=aside.name, damaged_lines=scan.damaged,
+                     replayed_steps=[r.get("step") for r in later])
+        if scan.damaged:
+            warnings.warn(msg, DataWarning, stacklevel=3)
+    return keep
+
+
+def _resume_from(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
+    """Load the checkpoint to resume from; return its metadata (None: start at step 0).
+
+    Tries checkpoint.safetensors, then checkpoint.prev.safetensors. A damaged one is set
+    aside (`.damaged-<n>`) with a warning; after a recorded divergence at step s a
+    checkpoint of step >= s (the weights that gave the bad loss) is set aside
+    (`.diverged-<n>`). The one used ends up as checkpoint.safetensors."""
+    ckpt, prev = run_dir / CHECKPOINT, previous_path(run_dir / CHECKPOINT)
+    limit = active_divergence(run_dir)
+    damaged = []
+    for path in (ckpt, prev):
+        if not path.exists():
+            continue
+        if limit is not None:
+            try:
+                step = int(read_meta(path).get("step", 0))
+            except Exception:
+                step = None
+            if step is not None and step >= limit:
+                to = move_aside(path, "diverged")
+                _note(run_dir, f"{path.name} (step {step}) holds the weights that diverged at step {limit}; kept as "
+                      f"{to.name}, resuming from an earlier checkpoint", "checkpoint_set_aside", to=to.name,
+                      step=step, why="diverged")
+                continue
+        try:
+            meta = load_checkpoint(path, model, optimizer)
+        except CheckpointCorrupt as e:
+            to = move_aside(path, "damaged")
+            damaged.append(f"{path.name} (kept as {to.name})")
+            _note(run_dir, f"{e}; kept as {to.name}, trying the previous checkpoint", "checkpoint_set_aside",
+                  to=to.name, why="damaged")
+            continue
+        if path != ckpt:
+            os.replace(path, ckpt)
+            _note(run_dir, f"{run_dir}: resuming from the previous checkpoint (step {meta.get('step')})",
+                  "checkpoint_fallback", step=meta.get("step"))
+        return meta
+    if damaged:
+        raise CheckpointCorrupt(f"run directory {run_dir} has no usable checkpoint: {', '.join(damaged)} "
+                                "damaged; move the run directory away to start over")
+    return None
+
+
+def _diverged(run_dir: Path, what: str, step: int, ckpt_step: int | None, prev_step: int | None,
+              grad_clip: float) -> TrainingDiverged:
+    """A TrainingDiverged whose message is true: the step, the checkpoint a resume would
+    use (or that there is none), and a fix that works on resume. Recorded in history."""
+    if ckpt_step is None:
+        have = "no checkpoint had been written yet, so a new start begins at step 0"
+        resume = None
+    elif ckpt_step < step:
+        have = f"the last good checkpoint, {CHECKPOINT} (step {ckpt_step}), is kept and a resume starts there"
+        resume = ckpt_step
     else:
-        write_json(path, config)
-    return run_dir
+        back = (f"{previous_path(CHECKPOINT).name} (step {prev_step})" if prev_step is not None
+                else "step 0 (there is no earlier checkpoint)")
+        have = (f"{CHECKPOINT} (step {ckpt_step}) holds the weights that gave it, so a resume goes back to "
+                f"{back}")
+        resume = prev_step
+    fix = f"lower the learning rate and allow that change with {change_hint(['lr'])}"
+    if grad_clip <= 0:
+        fix += f", or enable gradient clipping (grad_clip > 0, allowed with {change_hint(['grad_clip'])})"
+    msg = (f"{what} at step {step} in {run_dir}: {have}. Re-running unchanged repeats the same steps and "
+           f"diverges again; to go on, {fix}.")
+    record_event(run_dir, "diverged", step=step, what=what, checkpoint_step=ckpt_step, resume_step=resume)
+    return TrainingDiverged(msg, step=step, checkpoint_step=resume)
 
 
 def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, config: dict | None = None,
           progress: bool = True, desc: str = "train", stop_after: int | None = None,
-          position: int | None = None) -> list[dict]:
+          position: int | None = None, allow_changes: Iterable[str] = ()) -> list[dict]:
     """Train (or resume) a run; returns its metric records.
 
     `config` is the full experiment config stored in config.json (defaults to the
     TrainConfig). `stop_after` ends the process early after that many steps of
     this call, as if interrupted (tests use it to check resumption). `position` is the
     progress bar's line (tqdm's `position`), for several runs shown at once.
+    `allow_changes` names settings (from ALLOWED_CHANGES: lr, min_lr, grad_clip) that may
+    differ from the stored config on resume; each change is recorded in history.jsonl.
+
+    Rank 0 holds the run's lock (RunLocked if another process trains it) until it returns.
     """
     rank, world = _dist()
     run_dir = Path(run_dir)
     config = config if config is not None else {"train": asdict(cfg)}
-    if rank == 0:
-        prepare_run_dir(run_dir, config)
-    if world > 1:
-        dist.barrier()
+    lock = RunLock(run_dir) if rank == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        if rank == 0:
+            prepare_run_dir(run_dir, config, allow_changes=allow_changes)
+        if world > 1:
+            dist.barrier()
+        return _train(model, task, cfg, run_dir, config, progress, desc, stop_after, position, rank, world)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _train(model, task, cfg, run_dir: Path, config, progress, desc, stop_after, position, rank, world) -> list[dict]:
     optimizer = make_optimizer(model, cfg)
-    ckpt = run_dir / "checkpoint.safetensors"
+    ckpt = run_dir / CHECKPOINT
+    model_path = run_dir / MODEL
+
+    finished = None
+    if rank == 0 and model_path.exists() and any(m.get("final") for m in scan_jsonl(run_dir / METRICS).records):
+        try:
+            load_checkpoint(model_path, model)  # verified: a damaged final file is not reported as done
+            finished = _repair_metrics(run_dir, None)  # keep every readable record
+        except CheckpointCorrupt as e:
+            to = move_aside(model_path, "damaged")
+            _note(run_dir, f"{e}; kept as {to.name}, rewritten from the final checkpoint",
+                  "checkpoint_set_aside", to=to.name, why="damaged")
+    if world > 1:
+        done_flag = [finished is not None]
+        dist.broadcast_object_list(done_flag, src=0)
+        if done_flag[0]:
+            if rank != 0:
+                load_checkpoint(model_path, model)
+            return finished if rank == 0 else []
+    elif finished is not None:
+        return finished
+
     start, run_loss, run_n, elapsed = 0, 0.0, 0, 0.0
-    if ckpt.exists():
-        meta = load_checkpoint(ckpt, model, optimizer)
+    meta = _resume_from(run_dir, model, optimizer) if rank == 0 else None
+    if world > 1:  # the other ranks load what rank 0 chose (it may have fallen back)
+        dist.barrier()
+        if rank != 0 and ckpt.exists():
+            meta = load_checkpoint(ckpt, model, optimizer)
+    if meta is not None:
         start, run_loss, run_n = meta["step"], meta.get("run_loss", 0.0), meta.get("run_n", 0)
         elapsed = meta.get("elapsed", 0.0)
-    records = [m for m in read_metrics(run_dir) if m["step"] <= start] if rank == 0 else []
-    if rank == 0 and (run_dir / "metrics.jsonl").exists():
-        # Drop records written after the checkpoint: the resumed run rewrites them.
-        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in records))
-    if start >= cfg.steps and is_complete(run_dir):
-        return records
+    ckpt_step = start if meta is not None else None
+    prev_p = previous_path(ckpt)
+    prev_step = None
+    if rank == 0 and prev_p.exists():
+        try:
+            prev_step = int(read_meta(prev_p).get("step"))
+        except Exception:
+            prev_step = None
+    evals = cfg.eval_steps()
+    records: list[dict] = []
+    if rank == 0:
+        records = _repair_metrics(run_dir, start)
+        have = {r["step"] for r in records}
+        lost = sorted(s for s in evals if s < start and s not in have)
+        if lost:
+            _note(run_dir, f"{run_dir / METRICS} has no record of step(s) {', '.join(map(str, lost[:10]))}"
+                  f"{' ...' if len(lost) > 10 else ''}: they cannot be recomputed (no weights of those steps are "
+                  "kept)", "metrics_lost", steps=lost)
+        record_event(run_dir, "start", step=start, steps=cfg.steps)
 
     ddp = model
     if world > 1:
@@ -192,14 +398,12 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | P
 
         ddp = DistributedDataParallel(model)
 
-    evals = cfg.eval_steps()
     ckpt_steps = set(range(cfg.checkpoint_every, cfg.steps + 1, cfg.checkpoint_every)) if cfg.checkpoint_every else evals
-    metrics_f = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, unit="step", disable=not progress or rank != 0,
                dynamic_ncols=True, leave=False, position=position)
     t_interval, units_interval = time.perf_counter(), 0
 
-    def log_eval(step: int) -> None:
+    def log_eval(step: int, recomputed: bool = False) -> None:
         nonlocal run_loss, run_n, t_interval, units_interval, elapsed
         dt = time.perf_counter() - t_interval
         elapsed += dt
@@ -216,15 +420,27 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | P
             rec["fraction"] = f
         if step == cfg.steps:
             rec["final"] = True
+        if recomputed:
+            rec["recomputed"] = True  # evaluated again from the checkpoint (its record was lost)
         records.append(rec)
-        metrics_f.write(json.dumps(rec) + "\n")
-        metrics_f.flush()
+        append_jsonl(run_dir / METRICS, rec)
         run_loss, run_n, units_interval = 0.0, 0, 0
         t_interval = time.perf_counter()
 
+    def save(done: int) -> None:
+        nonlocal ckpt_step, prev_step
+        try:
+            save_checkpoint(ckpt, model, optimizer,
+                            {"step": done, "run_loss": run_loss, "run_n": run_n, "elapsed": elapsed},
+                            keep_previous=True)
+        except NonFiniteState as e:
+            raise _diverged(run_dir, f"{e.tensor} became inf or NaN", done, ckpt_step, prev_step,
+                            cfg.grad_clip) from None
+        prev_step, ckpt_step = ckpt_step, done
+
     try:
-        if start == 0 and 0 in evals and rank == 0 and not records:
-            log_eval(0)
+        if rank == 0 and start in evals and start not in {r["step"] for r in records}:
+            log_eval(start, recomputed=start > 0)
         model.train()
         for step in range(start, cfg.steps):
             lr = lr_at(cfg, step)
@@ -242,9 +458,9 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | P
                 loss_sum += float(loss.detach())
             mean_loss = loss_sum / cfg.grad_accum
             if not math.isfinite(mean_loss):
-                raise TrainingDiverged(
-                    f"loss became {mean_loss} at step {step} in {run_dir}; the last good checkpoint "
-                    f"({ckpt.name}) is kept. Lower the learning rate or enable grad_clip, then resume or restart.")
+                if rank == 0:
+                    raise _diverged(run_dir, f"loss became {mean_loss}", step, ckpt_step, prev_step, cfg.grad_clip)
+                raise TrainingDiverged(f"loss became {mean_loss} at step {step} in {run_dir}", step=step)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
@@ -260,16 +476,13 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | P
                 bar.set_postfix({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in records[-1].items()
                                  if k in ("val_loss", "test_loss", "test_acc")}, refresh=False)
             if rank == 0 and (done in ckpt_steps or done == cfg.steps):
-                save_checkpoint(ckpt, model, optimizer,
-                                {"step": done, "run_loss": run_loss, "run_n": run_n, "elapsed": elapsed})
+                save(done)
             if stop_after is not None and done - start >= stop_after and done < cfg.steps:
                 return records
         if rank == 0:
-            save_checkpoint(run_dir / "model.safetensors", model, None, {"step": cfg.steps, "config": config})
+            save_checkpoint(model_path, model, None, {"step": cfg.steps, "config": config})
     finally:
         bar.close()
-        if metrics_f:
-            metrics_f.close()
     if world > 1:
         dist.barrier()
     return records

@@ -1,0 +1,326 @@
+"""The run directory: one writer, a config that is checked, a history that is never lost.
+
+    config.json              the run's identity (written when training starts)
+    metrics.jsonl            one record per evaluation, appended
+    history.jsonl            events: starts, allowed config changes, divergence, repairs
+    checkpoint.safetensors   newest checkpoint; checkpoint.prev.safetensors the one before
+    model.safetensors        final weights (finished runs)
+    run.lock                 held (fcntl.flock) by the one process training the run
+
+Nothing here is deleted: a file that has to leave its place (a damaged checkpoint, a
+metrics file with a damaged line, the files of a start that never trained) is kept aside
+under a new name, `<name>.<why>-<n>`, and the move is written to history.jsonl.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import os
+import shutil
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from sqs.io import DataWarning, UserError, append_jsonl, read_jsonl, write_json
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+HISTORY = "history.jsonl"
+CHECKPOINT = "checkpoint.safetensors"
+PREVIOUS = "checkpoint.prev.safetensors"
+MODEL = "model.safetensors"
+LOCK = "run.lock"
+
+# Settings that may differ on resume when the caller opts in (after a NaN, typically): they
+# change how the remaining steps are taken, not what the run is (model, data, schedule length).
+ALLOWED_CHANGES = ("lr", "min_lr", "grad_clip")
+
+
+class RunDirError(UserError):
+    """A run directory that cannot be used as asked (another config, another writer, ...)."""
+
+
+class RunLocked(RunDirError):
+    """Another live process is training into the same run directory."""
+
+    def __init__(self, message: str, pid: int | None):
+        super().__init__(message)
+        self.pid = pid
+
+
+class RunConfigMismatch(RunDirError, ValueError):
+    """The run directory was made with another config (and has trained)."""
+
+
+def change_hint(keys: Iterable[str]) -> str:
+    """How a user allows a deliberate change of `keys` on resume (CLI and Python)."""
+    keys = list(keys)
+    cli = " ".join(f"--allow-change {k}" for k in keys)
+    return f"{cli} (Python: allow_changes={tuple(keys)!r})"
+
+
+# ----------------------------------------------------------------------------- history
+
+
+def record_event(run_dir: str | Path, event: str, **fields: Any) -> dict:
+    """Append one event to the run's history.jsonl (with wall time and pid)."""
+    rec = {"event": event, **fields, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "pid": os.getpid()}
+    append_jsonl(Path(run_dir) / HISTORY, rec)
+    return rec
+
+
+def read_history(run_dir: str | Path) -> list[dict]:
+    """The run's events, oldest first (empty for runs made before history.jsonl existed)."""
+    return read_jsonl(Path(run_dir) / HISTORY)
+
+
+def aside_path(path: Path, why: str) -> Path:
+    n = 1
+    while True:
+        cand = path.with_name(f"{path.name}.{why}-{n}")
+        if not cand.exists():
+            return cand
+        n += 1
+
+
+def move_aside(path: Path, why: str) -> Path:
+    """Rename `path` to `<name>.<why>-<n>` (first free n); return the new path."""
+    dest = aside_path(path, why)
+    os.replace(path, dest)
+    return dest
+
+
+def copy_aside(path: Path, why: str) -> Path:
+    """Copy `path` to `<name>.<why>-<n>` (atomically: a crash leaves no partial copy)."""
+    dest = aside_path(path, why)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.copy2(path, tmp)
+    os.replace(tmp, dest)
+    return dest
+
+
+def active_divergence(run_dir: str | Path) -> int | None:
+    """Step of the last recorded divergence that no later start has dealt with, else None."""
+    step = None
+    for ev in read_history(run_dir):
+        if ev.get("event") == "diverged":
+            step = ev.get("step")
+        elif ev.get("event") == "start":
+            step = None
+    return step
+
+
+# ----------------------------------------------------------------------------- lock
+
+
+class RunLock:
+    """An OS lock (fcntl.flock) on `run_dir/run.lock`, re-entrant within a process.
+
+    The OS releases it when the holder exits, however it exits (kill -9 included), so a
+    lock file left behind never blocks a later start; the PID written in it is only used
+    to name the holder when the lock is really held. Where fcntl does not exist
+    (Windows) it warns and does not lock.
+    """
+
+    _held: dict[str, list] = {}
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK
+
+    def acquire(self) -> "RunLock":
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        key = str(self.path.resolve())
+        held = self._held.get(key)
+        if held is not None and held[2] == os.getpid():
+            held[1] += 1
+            return self
+        try:
+            import fcntl
+        except ImportError:
+            warnings.warn(f"no fcntl on this system: {self.run_dir} is not locked; do not start two "
+                          "processes on it", RuntimeWarning, stacklevel=2)
+            self._held[key] = [None, 1, os.getpid()]
+            return self
+        f = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            text = f.read().strip()
+            f.close()
+            pid = int(text) if text.isdigit() else None
+            who = f"process {pid}" if pid is not None else "another process"
+            raise RunLocked(f"run directory {self.run_dir} is in use: {who} is training it (it holds "
+                            f"{self.path}); wait for it to finish or stop it, or use another run directory",
+                            pid) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._held[key] = [f, 1, os.getpid()]
+        return self
+
+    def release(self) -> None:
+        key = str(self.path.resolve())
+        held = self._held.get(key)
+        if held is None or held[2] != os.getpid():
+            return
+        held[1] -= 1
+        if held[1] > 0:
+            return
+        del self._held[key]
+        f = held[0]
+        if f is not None:
+            import fcntl
+
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            f.close()
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# ----------------------------------------------------------------------------- config
+
+
+_ALLOWED: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("sqs_allowed_changes", default=frozenset())
+
+
+def _check_allowed(keys: Iterable[str]) -> frozenset[str]:
+    keys = frozenset(keys)
+    bad = sorted(keys - set(ALLOWED_CHANGES))
+    if bad:
+        raise RunDirError(f"cannot allow a change of {', '.join(bad)} on resume; only "
+                          f"{', '.join(ALLOWED_CHANGES)} may change (other keys define the run: "
+                          "use another run directory)")
+    return keys
+
+
+@contextmanager
+def allow_changes(*keys: str) -> Iterator[None]:
+    """Within this block, resuming a run may change the settings `keys` (from ALLOWED_CHANGES).
+
+    For code that calls the trainer through an experiment function, e.g.
+    `with allow_changes("lr"): run_lm(cfg.replace(lr=1e-4), run_dir)`. Each change is
+    recorded in history.jsonl (step, key, old, new)."""
+    token = _ALLOWED.set(_ALLOWED.get() | _check_allowed(keys))
+    try:
+        yield
+    finally:
+        _ALLOWED.reset(token)
+
+
+def has_started(run_dir: str | Path) -> bool:
+    """True once training has left something to protect: a checkpoint or final weights.
+
+    A directory with only config.json (and maybe metrics of step 0 or a tokenizer) is a
+    start that was refused or died before its first checkpoint."""
+    run_dir = Path(run_dir)
+    return any((run_dir / n).exists() for n in (CHECKPOINT, PREVIOUS, MODEL))
+
+
+def _leaves(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_leaves(v, f"{prefix}{k}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: obj}
+
+
+def config_diff(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old, new) for every leaf that differs."""
+    a, b = _leaves(old), _leaves(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def planned_resume_step(run_dir: str | Path) -> int:
+    """The step a resume of `run_dir` would start from (read from checkpoint headers only)."""
+    from sqs.training.checkpoint import read_meta
+
+    run_dir = Path(run_dir)
+    limit = active_divergence(run_dir)
+    steps = []
+    for name in (CHECKPOINT, PREVIOUS):
+        try:
+            steps.append(int(read_meta(run_dir / name)["step"]))
+        except Exception:
+            continue
+    ok = [s for s in steps if limit is None or s < limit]
+    return max(ok, default=0)
+
+
+def prepare_run_dir(run_dir: str | Path, config: dict, allow_changes: Iterable[str] = ()) -> Path:
+    """Create the run directory, or check that an existing one was made with `config`.
+
+    - No config.json: it is written.
+    - Same config: nothing to do.
+    - Another config, but the directory never trained (no checkpoint, no final weights; a
+      refused start): its files are kept as `<name>.not-started-<n>` and `config` is used.
+    - Another config in a run that trained: RunConfigMismatch, unless every differing
+      key is allowed (argument `allow_changes` or the `allow_changes(...)` context, keys from
+      ALLOWED_CHANGES); then config.json is updated and each change recorded in history.jsonl.
+
+    Holds the run lock while it works, so it refuses a directory another process trains.
+    """
+    run_dir = Path(run_dir)
+    new = json.loads(json.dumps(config))
+    allowed = _check_allowed(allow_changes) | _ALLOWED.get()
+    path = run_dir / CONFIG
+    with RunLock(run_dir):
+        if not path.exists():
+            write_json(path, new)
+            return run_dir
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            if has_started(run_dir):
+                raise RunDirError(f"{path} is damaged ({e}); restore it from a copy, or use another run "
+                                  "directory") from e
+            old = None
+        if old == new:
+            return run_dir
+        if not has_started(run_dir):
+            _set_aside_unstarted(run_dir)
+            write_json(path, new)
+            return run_dir
+        diffs = config_diff(old, new)
+        refused = [d for d in diffs if d[0].rsplit(".", 1)[-1] not in allowed]
+        if refused:
+            keys = [d[0] for d in refused]
+            msg = (f"run directory {run_dir} was made with a different config (differs in: {', '.join(keys)}); "
+                   "choose another run directory or delete this one to start over")
+            leaf = sorted({k.rsplit(".", 1)[-1] for k in keys})
+            if all(k in ALLOWED_CHANGES for k in leaf):
+                msg += f", or allow the change on resume with {change_hint(leaf)}"
+            raise RunConfigMismatch(msg)
+        step = planned_resume_step(run_dir)
+        write_json(path, new)
+        for key, a, b in diffs:
+            record_event(run_dir, "config_change", step=step, key=key, old=a, new=b)
+            warnings.warn(f"{run_dir}: {key} changed from {a!r} to {b!r} on resume at step {step} (allowed; "
+                          f"recorded in {HISTORY})", DataWarning, stacklevel=2)
+    return run_dir
+
+
+def _set_aside_unstarted(run_dir: Path) -> list[Path]:
+    """Keep the files of a start that never trained as `<name>.not-started-<n>` (renamed in
+    place, so nothing looks for them as a run: no second config.json appears)."""
+    moved = []
+    for p in sorted(run_dir.iterdir()):
+        if p.name in (LOCK, HISTORY) or ".not-started-" in p.name or p.name.startswith(".") or not p.is_file():
+            continue
+        moved.append(move_aside(p, "not-started"))
+    record_event(run_dir, "not_started_set_aside", files=[m.name for m in moved])
+    warnings.warn(f"{run_dir} held a start that never trained (no checkpoint) with another config; its files are "
+                  f"kept as {', '.join(m.name for m in moved)} and the new config is used", DataWarning, stacklevel=3)
+    return moved
