@@ -80,6 +80,8 @@ def check_existing(specs: Sequence[RunSpec]) -> None:
         path = s.run_dir / "config.json"
         if path.exists():
             old = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("kind", "resolved")}
+            if isinstance(old.get("model"), dict) and "gate" in old["model"]:  # written before the renaming
+                old["model"]["gate"] = canonical_gate(old["model"]["gate"])
             new = s.cfg.to_dict()
             if old != new:
                 diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
