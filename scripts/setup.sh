@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv and install the package with its test extras. torch is pinned to
-# 2.13.0 (pyproject.toml): pip takes the CPU build when one is available locally,
-# instead of pulling a multi-GB CUDA build.
+# Create .venv and install the package with its test extras. The package asks only for a
+# torch lower bound (pyproject.toml); here we install the tested version, 2.13.0, first, so
+# pip takes the CPU build when one is available locally instead of pulling a CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

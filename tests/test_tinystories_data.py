@@ -239,7 +239,7 @@ def server():
 
 
 def test_download_resumes_and_checks_sha(server, tmp_path, monkeypatch):
-    monkeypatch.setattr(ts.time, "sleep", lambda s: None)
+    monkeypatch.setattr("time.sleep", lambda s: None)
     dest = ts.download(server + "/TinyStories-train.txt", tmp_path / "dl" / "t.txt", progress=False, timeout=5)
     assert dest.read_bytes() == _RangeHandler.blob
     assert _RangeHandler.gets[0] == 0 and _RangeHandler.gets[1] == len(_RangeHandler.blob) // 3  # resumed
@@ -249,7 +249,7 @@ def test_download_resumes_and_checks_sha(server, tmp_path, monkeypatch):
 
 
 def test_fetch_without_src_explains_from(tmp_path, monkeypatch):
-    monkeypatch.setattr(ts.time, "sleep", lambda s: None)
-    monkeypatch.setattr(ts, "OFFICIAL_URLS", {"TinyStories-train.txt": "http://127.0.0.1:9/nothing"})
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    monkeypatch.setattr(ts.remote, "OFFICIAL_URLS", {"TinyStories-train.txt": "http://127.0.0.1:9/nothing"})
     with pytest.raises(ts.TinyStoriesError, match="--from DIR"):
         ts.fetch(cache_dir=tmp_path, progress=False)

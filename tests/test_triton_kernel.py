@@ -3,7 +3,7 @@ that most of it runs on machines without a GPU:
 
   * import safety: the module imports, and says it is unavailable, without triton;
   * interpreter: with triton installed, the kernels run on CPU tensors under
-    TRITON_INTERPRET=1 and are compared with `sqs.functional.sqs_math` /
+    TRITON_INTERPRET=1 and are compared with `sqs.core.sqs_math` /
     `sqs_grad_math`. This runs in a subprocess: the variable must be set before
     triton is imported, and it switches every Triton kernel of the process to the
     interpreter, so setting it here would leak into other test modules;
@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sqs.functional import sqs_grad_math, sqs_math
+from sqs.core import sqs_grad_math, sqs_math
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -143,7 +143,7 @@ def _interpreter_main() -> int:
 
     from sqs.ops import triton_sqs_glu as K
 
-    ops_mod = importlib.import_module("sqs.ops.fused_glu")  # the module (sqs.ops.sqs_glu is the function)
+    from sqs import ops as ops_mod
     t0 = time.perf_counter()
     errs = []
     for case in CASES:
@@ -159,10 +159,10 @@ def _interpreter_main() -> int:
                 errs.append(f"shape {shape}: wrong result {got} vs {want}")
     # the public entry points accept CPU tensors only because the interpreter is on
     y = K.forward(*_make("contig", (2, 5), torch.float32, "cpu")[1:], 0.01, 0.5, 1.0)
-    # the whole autograd path: sqs.ops.sqs_glu with the triton backend forced
-    saved = ops_mod._resolve
-    ops_mod._resolve = lambda t: "triton"
+    # the whole autograd path: sqs.ops.sqs_glu with the triton backend chosen (the interpreter
+    # lets it take CPU tensors)
     try:
+        ops_mod.set_backend("triton")
         for p in (1.0, 0.5):
             h = torch.randn(4, 6, 2 * 40, dtype=torch.float32, requires_grad=True)
             w, v = h.chunk(2, -1)
@@ -194,7 +194,7 @@ def _interpreter_main() -> int:
     except AssertionError as e:
         errs.append(f"autograd through sqs_glu: {e}")
     finally:
-        ops_mod._resolve = saved
+        ops_mod.set_backend("auto")
     dt = time.perf_counter() - t0
     print(f"interpreter: {len(CASES)} cases + degenerate shapes + autograd (plain and packed) + gradcheck "
           f"in {dt:.2f} s")
@@ -215,8 +215,7 @@ def test_module_imports_without_triton():
         from sqs.ops import triton_sqs_glu as K
         assert K.available() is False
         assert K.triton is None and "triton" in K._TRITON_IMPORT_ERROR
-        import importlib
-        ops = importlib.import_module("sqs.ops.fused_glu")
+        from sqs import ops
         assert "triton" not in ops.available_backends()
         try:
             K.forward(torch.ones(2), torch.ones(2), 0.01, 0.5, 1.0)
@@ -226,8 +225,8 @@ def test_module_imports_without_triton():
             raise AssertionError("forward without triton should raise")
         # and the op itself still works (falls back to compiled/eager on CPU)
         w = torch.randn(3, 4, requires_grad=True); v = torch.randn(3, 4)
-        ops.set_backend("eager")
-        ops.sqs_glu(w, v).sum().backward()
+        with ops.backend("eager"):
+            ops.sqs_glu(w, v).sum().backward()
         print("ok")
     """)
     r = _run(["-c", code], _env())
@@ -258,16 +257,6 @@ def test_layout_reads_chunk_views_in_place():
     views, n_rows, n_cols = K._layout((t, t))
     assert (n_rows, n_cols) == (15, 48) and views[0].is_contiguous()
     torch.testing.assert_close(views[0], t)
-
-
-@pytest.mark.parametrize("n_rows,n_cols,want", [
-    (1, 1, (1, 1, 2)), (15, 48, (16, 64, 4)), (4096, 128, (16, 128, 8)), (1, 10 ** 7, (1, 2048, 8)),
-    (300, 3, (512, 4, 8)), (2, 5000, (1, 2048, 8)), (7, 2048, (1, 2048, 8)), (5, 1000, (2, 1024, 8)),
-])
-def test_block_settings(n_rows, n_cols, want):
-    from sqs.ops import triton_sqs_glu as K
-
-    assert K._settings(n_rows, n_cols) == want
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason=NO_TRITON)
@@ -341,11 +330,10 @@ needs_gpu = pytest.mark.skipif(not _gpu_ready(), reason="needs a CUDA device and
 
 @pytest.fixture
 def triton_backend():
-    ops_mod = importlib.import_module("sqs.ops.fused_glu")
-    prev = ops_mod.get_backend()
-    ops_mod.set_backend("triton")
-    yield ops_mod
-    ops_mod.set_backend(prev)
+    from sqs import ops
+
+    with ops.backend("triton"):
+        yield ops
 
 
 @pytest.mark.gpu

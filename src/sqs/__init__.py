@@ -5,6 +5,6 @@
     mlp = sqs.nn.GLU(d_in, d_hidden, d_out, gate="sqs")
 """
 
-from sqs import functional, nn, ops  # noqa: F401
+from sqs import core, functional, nn, ops  # noqa: F401
 
 __version__ = "0.1.0"

@@ -1,11 +1,16 @@
-"""Thin nn.Module wrappers over `sqs.functional` and `sqs.ops`."""
+"""Thin nn.Module wrappers over `sqs.functional` and `sqs.ops`.
+
+`gate` takes a name in `sqs.functional.GATES` (`relu`, `gelu`, `swiglu`, `bilinear`,
+`sqs`) or an alias (`silu`, `identity`); the module stores the canonical name.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from sqs.functional import DEFAULT_C, DEFAULT_LAM, DEFAULT_P, canonical_gate, check_sqs_params, gate_fn, glu_packed, sqs
+from sqs.core import DEFAULT_C, DEFAULT_LAM, DEFAULT_P, canonical_gate, check_sqs_params
+from sqs.functional import gate_fn, glu_packed, sqs
 
 
 class SQS(nn.Module):

@@ -20,7 +20,7 @@ OP_VARIANTS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "relu": lambda w, v: w * F.relu(v),
     "gelu": lambda w, v: w * F.gelu(v),
     "bilinear": lambda w, v: w * v,
-    "sqs-eager": lambda w, v: w * sqs_reference(v),
+    "sqs-naive": lambda w, v: w * sqs_reference(v),  # the unfused formula, autograd through every op
     "sqs-fused": lambda w, v: sqs_glu(w, v),
 }
 
@@ -96,7 +96,7 @@ def bench_ops(numel: int = 8 * 2**20, reps: int = 10, dtype: torch.dtype = torch
 
 
 def _glu_step(gate: str, fused: bool, x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> Callable[[], None]:
-    """The layer as `sqs.nn.GLU` computes it; `fused=False` is the naive eager SQS for contrast."""
+    """The layer as `sqs.nn.GLU` computes it; `fused=False` is the unfused (naive) SQS formula for contrast."""
     def run():
         a, b = w_in.detach().requires_grad_(), w_out.detach().requires_grad_()
         h = x @ a.T
@@ -111,7 +111,7 @@ def _glu_step(gate: str, fused: bool, x: torch.Tensor, w_in: torch.Tensor, w_out
 
 GLU_VARIANTS = {  # name -> (gate, fused)
     "swiglu": ("swiglu", True), "relu": ("relu", True), "gelu": ("gelu", True),
-    "bilinear": ("bilinear", True), "sqs-eager": ("sqs", False), "sqs-fused": ("sqs", True),
+    "bilinear": ("bilinear", True), "sqs-naive": ("sqs", False), "sqs-fused": ("sqs", True),
 }
 
 

@@ -38,7 +38,7 @@ deterministic for a given `torch.Generator`.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -190,6 +190,3 @@ class GPT(nn.Module):
                 break
         self.train(was_training)
         return idx
-
-    def config_dict(self) -> dict:
-        return asdict(self.cfg)

@@ -13,7 +13,7 @@ stream (optionally normalised first); see `residual` and `norm`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -70,6 +70,3 @@ class ImageClassifier(nn.Module):
             y = layer(norm(x))
             x = x + y if self.residual else y
         return self.head(x)
-
-    def config_dict(self) -> dict:
-        return asdict(self.cfg)

@@ -1,9 +1,9 @@
 """The fused SQS-GLU op: y = w * sqs(v), saving only w and v.
 
 Why fused: eager PyTorch evaluates sqs(v) as ~6 elementwise kernels, each a full
-pass over memory, and autograd keeps their outputs for backward (~4x SwiGLU's time
-on a 2-core CPU). The op is memory-bound, so the fastest form is one pass in
-forward (read w, v; write y) and one in backward (read g, w, v; write dw, dv).
+pass over memory, and autograd keeps their outputs for backward. The op is
+memory-bound, so the fastest form is one pass in forward (read w, v; write y) and
+one in backward (read g, w, v; write dw, dv).
 
 Backends, chosen per call:
   * ``triton``   CUDA tensors when `triton` imports (sqs.ops.triton_sqs_glu).
@@ -11,38 +11,39 @@ Backends, chosen per call:
                  CPU Inductor emits one vectorised OpenMP C++ loop per function.
                  We chose it over a hand-written extension because it needs no
                  build step of ours, handles every dtype and stride, and is kept by
-                 the PyTorch team. It needs a C++ compiler at first use; the result
-                 is cached on disk by Inductor (first call ~15 s, later ~1 s).
-  * ``eager``    the same math in plain PyTorch: the fallback when compilation is
-                 unavailable or fails (a warning says so once). Still saves only
-                 w and v, so memory stays low; speed is that of naive eager.
+                 the PyTorch team. It needs a C++ compiler at first use; Inductor
+                 caches the result on disk, so only the first call pays for it.
+  * ``eager``    the same math in plain PyTorch, the fallback. Still saves only w and
+                 v, so memory stays low; speed is that of the unfused formula.
 
-Force one with the environment variable ``SQS_BACKEND`` or `set_backend`.
+The fallback is decided per call: under `torch.jit.trace`/`torch.jit.script` the
+call runs eager (TorchScript cannot record a compiled function), and a compile
+error for one kind of input (dtype, device, layout) sends only that kind to eager,
+with a warning that names the error. Only a missing or broken C++ toolchain turns
+the compiled path off for the whole process. `last_backend()` says which backend
+served the latest call.
+
+Choose one with the environment variable ``SQS_BACKEND``, `set_backend`, or for a
+block of code `with sqs.ops.backend("eager"): ...`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
-from sqs.functional import (
-    DEFAULT_C,
-    DEFAULT_LAM,
-    DEFAULT_P,
-    _check_pair,
-    _compute_dtype,
-    check_sqs_params,
-    sqs_grad_math,
-    sqs_math,
-)
+from sqs.core import DEFAULT_C, DEFAULT_LAM, DEFAULT_P, check_pair, check_sqs_params, compute_dtype, sqs_grad_math, sqs_math
 
 BACKENDS = ("auto", "compiled", "eager", "triton")
 _backend = os.environ.get("SQS_BACKEND", "auto").lower()
-_compile_failed: str | None = None
+_toolchain_error: str | None = None  # set once Inductor proved it cannot build C++ here
+_failed_variants: dict[tuple, str] = {}  # kinds of input whose compile failed -> the error
 _compiled: dict[str, Callable] = {}
+_last_backend: str | None = None
 
 
 def set_backend(name: str) -> None:
@@ -54,9 +55,32 @@ def set_backend(name: str) -> None:
 
 
 def get_backend() -> str:
+    """The backend selected by `set_backend`, `backend(...)` or SQS_BACKEND ("auto" by default)."""
     if _backend not in BACKENDS:
         raise ValueError(f"SQS_BACKEND={_backend!r} is not a backend; choose one of {BACKENDS}")
     return _backend
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Use backend `name` inside the block and restore the previous choice on exit (also on error).
+
+        with sqs.ops.backend("eager"):
+            y = model(x)
+    """
+    global _backend
+    previous = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _backend = previous
+
+
+def last_backend() -> str | None:
+    """Which backend ("compiled", "triton" or "eager") served the latest forward or backward
+    of the fused op in this process; None before the first call."""
+    return _last_backend
 
 
 def _triton_available() -> bool:
@@ -67,9 +91,21 @@ def _triton_available() -> bool:
     return triton_sqs_glu.available()
 
 
+def _triton_usable(t: torch.Tensor) -> bool:
+    """CUDA tensors with triton and a GPU, or any tensor under Triton's interpreter (TRITON_INTERPRET=1)."""
+    if t.is_cuda:
+        return _triton_available()
+    try:
+        from sqs.ops import triton_sqs_glu
+    except Exception:
+        return False
+    return triton_sqs_glu.triton is not None and triton_sqs_glu._interpreting()
+
+
 def available_backends() -> list[str]:
+    """The backends that can run here ("compiled" is absent once the C++ toolchain failed)."""
     out = ["eager"]
-    if _compile_failed is None:
+    if _toolchain_error is None:
         out.append("compiled")
     if torch.cuda.is_available() and _triton_available():
         out.append("triton")
@@ -79,12 +115,12 @@ def available_backends() -> list[str]:
 # ---- the two pointwise functions every backend computes -------------------------
 
 def _fwd(w: torch.Tensor, v: torch.Tensor, c, lam, p) -> torch.Tensor:
-    cd = _compute_dtype(v.dtype)
+    cd = compute_dtype(v.dtype)
     return (w.to(cd) * sqs_math(v.to(cd), c, lam, p)).to(w.dtype)
 
 
 def _bwd(g: torch.Tensor, w: torch.Tensor, v: torch.Tensor, c, lam, p) -> tuple[torch.Tensor, torch.Tensor]:
-    cd = _compute_dtype(v.dtype)
+    cd = compute_dtype(v.dtype)
     gc, vc = g.to(cd), v.to(cd)
     dw = gc * sqs_math(vc, c, lam, p)
     dv = gc * w.to(cd) * sqs_grad_math(vc, c, lam, p)
@@ -142,7 +178,7 @@ _scalar_cache: dict[tuple, tuple] = {}
 
 def _scalars(v: torch.Tensor, c: float, lam: float, p: float) -> tuple:
     """Hyperparameters as 0-d tensors so a new value does not recompile (cached per value)."""
-    cd = _compute_dtype(v.dtype)
+    cd = compute_dtype(v.dtype)
     key = (c, lam, p, cd, v.device)
     out = _scalar_cache.get(key)
     if out is None:
@@ -165,41 +201,87 @@ def _as_2d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(1, -1) if t.dim() < 2 else t.reshape(-1, t.shape[-1])
 
 
+def _cause(e: BaseException) -> str:
+    """`Type: first line` of an exception, for a one-line warning."""
+    msg = str(e).strip()
+    return f"{type(e).__name__}: {msg.splitlines()[0]}" if msg else type(e).__name__
+
+
+_TOOLCHAIN_ERRORS = {"InvalidCxxCompiler", "CppCompileError"}
+
+
+def _toolchain_failure(e: BaseException) -> BaseException | None:
+    """The exception in e's chain that says Inductor cannot build C++ here, or None."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if type(x).__name__ in _TOOLCHAIN_ERRORS:
+            return x
+        todo += [x.__cause__, x.__context__, getattr(x, "inner_exception", None)]
+    return None
+
+
+def _variant(name: str, flat: tuple) -> tuple:
+    """What a compiled kernel specialises on, as far as a failure could depend on it."""
+    t = flat[-1]
+    return (name, t.dtype, t.device.type, tuple(x.is_contiguous() for x in flat))
+
+
 def _run_compiled(kind: str, tensors: tuple, c: float, lam: float, p: float, shape: torch.Size):
-    """The compiled kernel `kind` on 2-D views of `tensors`, outputs viewed as `shape`."""
-    global _compile_failed
+    """The compiled kernel `kind` on 2-D views of `tensors`, outputs viewed as `shape`;
+    None when it cannot run for these inputs (the caller then computes eagerly)."""
+    global _toolchain_error
     name = kind + ("_p1" if p == 1.0 else "")
     flat = tuple(_as_2d(t) for t in tensors)
+    key = _variant(name, flat)
+    if key in _failed_variants:
+        return None
     try:
         out = _get_compiled(name)(*flat, *_scalars(flat[-1], c, lam, p))
-    except Exception as e:  # no C++ compiler, unsupported platform, ...
-        _compile_failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        warnings.warn(
-            "sqs: torch.compile of the fused SQS-GLU kernel failed "
-            f"({_compile_failed}); falling back to the eager backend (correct, slower). "
-            "The compiled path needs a working C++ compiler (gcc/clang) for Inductor; "
-            "set SQS_BACKEND=eager to skip it and silence this warning.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    except Exception as e:
+        broken = _toolchain_failure(e)
+        if broken is not None:  # no working C++ compiler: no compiled kernel can ever build
+            _toolchain_error = _cause(broken)
+            warnings.warn(
+                f"sqs: Inductor cannot build the compiled SQS-GLU kernel ({_toolchain_error}); every call now "
+                "uses the eager backend (correct, slower). Install a working C++ compiler (gcc/clang) to get "
+                "the compiled path, or set SQS_BACKEND=eager to skip it and silence this warning.",
+                RuntimeWarning, stacklevel=4)
+        else:  # this kind of input only; other calls stay compiled
+            _failed_variants[key] = _cause(e)
+            t = flat[-1]
+            warnings.warn(
+                f"sqs: torch.compile of the fused SQS-GLU kernel failed for {t.dtype} tensors on {t.device.type} "
+                f"({_failed_variants[key]}); such calls use the eager backend (correct, slower), other calls "
+                "stay compiled. Set SQS_BACKEND=eager to skip compilation.",
+                RuntimeWarning, stacklevel=4)
         return None
     if isinstance(out, tuple):
         return tuple(o.view(shape) if o.shape != shape else o for o in out)
     return out.view(shape) if out.shape != shape else out
 
 
+def _in_torchscript() -> bool:
+    """True while torch.jit.trace/script records this call: a compiled function cannot be recorded."""
+    return torch.jit.is_tracing() or torch.jit.is_scripting()
+
+
 def _resolve(t: torch.Tensor) -> str:
     b = get_backend()
-    if b == "auto":
-        if t.is_cuda and _triton_available():
-            return "triton"
-        return "compiled" if _compile_failed is None else "eager"
-    if b == "triton" and not (t.is_cuda and _triton_available()):
-        raise RuntimeError("sqs: backend 'triton' needs CUDA tensors and an importable triton; "
-                           "use set_backend('auto') to fall back automatically")
-    if b == "compiled" and _compile_failed is not None:
+    if b == "triton":
+        if not _triton_usable(t):
+            raise RuntimeError("sqs: backend 'triton' needs CUDA tensors and an importable triton; "
+                               "use set_backend('auto') to fall back automatically")
+        return "triton"
+    if b == "auto" and t.is_cuda and _triton_available():
+        return "triton"
+    if b == "eager" or _toolchain_error is not None or _in_torchscript():
         return "eager"
-    return b
+    return "compiled"
 
 
 def _out_shape(kind: str, x: torch.Tensor) -> torch.Size:
@@ -209,23 +291,31 @@ def _out_shape(kind: str, x: torch.Tensor) -> torch.Size:
 
 
 def _dispatch(kind: str, tensors: tuple, c: float, lam: float, p: float):
-    backend = _resolve(tensors[-1])
-    if backend == "compiled":
+    global _last_backend
+    chosen = _resolve(tensors[-1])
+    if chosen == "compiled":
         out = _run_compiled(kind, tensors, c, lam, p, _out_shape(kind, tensors[-1]))
         if out is not None:
+            _last_backend = "compiled"
             return out
+        chosen = "eager"
+    _last_backend = chosen
     if kind.endswith("_packed"):  # triton and eager work on the two halves (views, no copy)
         x = tensors[-1]
         if kind == "fwd_packed":
-            return _dispatch("fwd", _halves(x), c, lam, p)
-        if backend == "triton":  # the kernel writes dw and dv straight into the halves of dx
+            if chosen == "triton":
+                from sqs.ops import triton_sqs_glu
+
+                return triton_sqs_glu.forward(*_halves(x), c, lam, p)
+            return _fwd(*_halves(x), c, lam, p)
+        if chosen == "triton":  # the kernel writes dw and dv straight into the halves of dx
             from sqs.ops import triton_sqs_glu
 
             dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
             triton_sqs_glu.backward(tensors[0], *_halves(x), c, lam, p, out=_halves(dx))
             return dx
-        return torch.cat(_dispatch("bwd", (tensors[0], *_halves(x)), c, lam, p), dim=-1)
-    if backend == "triton":
+        return torch.cat(_bwd(tensors[0], *_halves(x), c, lam, p), dim=-1)
+    if chosen == "triton":
         from sqs.ops import triton_sqs_glu
 
         fn = triton_sqs_glu.forward if kind == "fwd" else triton_sqs_glu.backward
@@ -269,7 +359,7 @@ class SQSGLUPackedFunction(torch.autograd.Function):
 def sqs_glu(w: torch.Tensor, v: torch.Tensor, c: float = DEFAULT_C, lam: float = DEFAULT_LAM,
             p: float = DEFAULT_P) -> torch.Tensor:
     """Fused w * sqs(v) for any shape; see the module docstring for backends."""
-    _check_pair(w, v)
+    check_pair(w, v)
     check_sqs_params(c, lam, p)
     if not w.is_floating_point():
         raise TypeError(f"sqs_glu: `w` and `v` must be floating point, got {w.dtype}")

@@ -1,0 +1,33 @@
+"""Fixtures shared by the test modules."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+import torch
+
+import sqs
+
+
+@pytest.fixture
+def eager_backend():
+    """Run the test with the fused SQS-GLU on its eager backend (no torch.compile: fast start,
+    same values); the previous backend is restored afterwards."""
+    with sqs.ops.backend("eager"):
+        yield "eager"
+
+
+@pytest.fixture
+def glu_pair() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """Factory of a seeded (w, v) pair that requires grad, with v kept off the gate's jump at 0
+    (so finite differences in gradcheck do not straddle it)."""
+
+    def make(shape=(3, 7), seed: int = 0, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(shape, generator=g, dtype=dtype)
+        v = torch.randn(shape, generator=g, dtype=dtype) * 2
+        v = torch.where(v.abs() < 1e-2, v + 0.05, v)
+        return w.requires_grad_(), v.requires_grad_()
+
+    return make
