@@ -73,11 +73,7 @@ def test_short_training_lowers_the_loss_and_model_reloads(tmp_path, data):
     assert loss == pytest.approx(recs[-1]["test_loss"], rel=1e-5)
 
 
-def test_sqs_gate_trains(tmp_path, data, monkeypatch):
-    import importlib
-
-    # the eager backend: no compile step in a unit test
-    monkeypatch.setattr(importlib.import_module("sqs.ops.fused_glu"), "_backend", "eager")
+def test_sqs_gate_trains(tmp_path, data, eager_backend):  # the eager backend: no compile step in a unit test
     recs = im.run_image(_cfg(gate="sqs", epochs=2), tmp_path / "run", progress=False, data=data)
     assert recs[-1]["test_loss"] < recs[0]["test_loss"]
 

@@ -49,14 +49,9 @@ eval_batch = 16
 
 
 @pytest.fixture(autouse=True)
-def _eager_sqs():
+def _eager(eager_backend):
     """The fused SQS op's eager backend: same math, no Inductor compile in the tests."""
-    from sqs.ops import get_backend, set_backend
-
-    old = get_backend()
-    set_backend("eager")
     yield
-    set_backend(old)
 
 
 @pytest.fixture(scope="module")

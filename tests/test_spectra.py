@@ -128,18 +128,7 @@ def test_sqs_is_first_order_and_refuses_deep_models():
         decompose(make_model("identity", n_layers=2), force=True)
 
 
-@pytest.fixture
-def eager_sqs():
-    """Run SQS forwards with the eager backend (no torch.compile start-up in tests)."""
-    from sqs import ops
-
-    old = ops.get_backend()
-    ops.set_backend("eager")
-    yield
-    ops.set_backend(old)
-
-
-def test_sqs_first_order_reading_matches_bilinear_weights_and_fidelity_is_measured(eager_sqs):
+def test_sqs_first_order_reading_matches_bilinear_weights_and_fidelity_is_measured(eager_backend):
     """Same weights, SQS gate: the eigenvectors are those of the bilinear model; the
     fidelity numbers tell how far the first-order reading is from the model."""
     bil, sq = make_model("identity", seed=5), make_model("sqs", seed=5)
@@ -187,7 +176,7 @@ def test_truncated_surrogate():
 
 
 @pytest.fixture
-def fake_runs(monkeypatch, tmp_path, eager_sqs):
+def fake_runs(monkeypatch, tmp_path, eager_backend):
     """Runs resolved by name ('<gate>-s<seed>' dirs) to tiny hand-built models; a tiny fake test set."""
     from sqs.experiments import spectra as sx
     from sqs.interp import plots

@@ -20,29 +20,36 @@ one data file, `sqs/configs/reference/paper.toml` (`paper_reference`).
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-try:  # Python >= 3.11
-    import tomllib as _toml
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as _toml
-
+from sqs.core import load_toml
 from sqs.functional import canonical_gate
 
 KINDS = ("image", "lm")
 Overrides = Mapping[str, Any] | Iterable[str] | None
 
 
+class _TOMLText:
+    """TOML text where `sqs.core.load_toml` (the one guarded tomllib / tomli import) expects a file."""
+
+    def __init__(self, text: str, where: str):
+        self.text, self.where = text, where
+
+    def open(self, mode: str = "rb") -> io.BytesIO:
+        return io.BytesIO(self.text.encode("utf-8"))
+
+    def __str__(self) -> str:
+        return self.where
+
+
 def loads_toml(text: str, where: str = "TOML") -> dict:
-    """Parse TOML text; a syntax error names the file."""
-    try:
-        return _toml.loads(text)
-    except _toml.TOMLDecodeError as e:
-        raise ValueError(f"{where}: not valid TOML ({e})") from e
+    """Parse TOML text; a syntax error names `where` (a ValueError)."""
+    return load_toml(_TOMLText(text, where))
 
 
 # ----------------------------------------------------------------------------- configs
@@ -94,8 +101,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise ValueError(f"override {text!r} has an empty key")
     try:
-        value = _toml.loads(f"v = {raw}")["v"]
-    except _toml.TOMLDecodeError:
+        value = loads_toml(f"v = {raw}")["v"]
+    except ValueError:
         value = raw
     return key, value
 
@@ -208,5 +215,4 @@ def check_no_legacy(runs_root: str | Path, config: str | Path, dataset: str, gat
 
 def paper_reference() -> dict:
     """The paper's reference numbers (`sqs/configs/reference/paper.toml`): `table1`, `lm`, `fig2`, `appc`."""
-    res = resources.files("sqs") / "configs" / "reference" / "paper.toml"
-    return loads_toml(res.read_text(encoding="utf-8"), "sqs/configs/reference/paper.toml")
+    return load_toml(resources.files("sqs") / "configs" / "reference" / "paper.toml")
