@@ -13,7 +13,7 @@ import numpy as np
 
 from sqs.experiments.config import paper_reference, run_name
 from sqs.experiments.lm import FRACTIONS, LMRunConfig, generate_text, load_lm
-from sqs.experiments.style import GATE_COLOR, GATE_LABEL, canonical_gate, fmt  # noqa: F401
+from sqs.experiments.style import GATE_COLOR, GATE_LABEL, canonical_gate
 from sqs.io import save_figure, write_json, write_text
 from sqs.training.trainer import is_complete, read_metrics
 
