@@ -6,7 +6,7 @@
     forward:  y  = w * sqs(v)
     backward: dw = g * sqs(v),  dv = g * w * sqs'(v)
 
-Conventions as in `sqs.functional`: sgn(0) = 0; at v == 0, |v|^(p-1) is 1 for
+Conventions as in `sqs.core`: sgn(0) = 0; at v == 0, |v|^(p-1) is 1 for
 p == 1 (the simple form above) and 0 otherwise.
 
 Design (after Liger-Kernel's SwiGLU: one pass over memory each way, the gate
