@@ -7,7 +7,7 @@ def test_bench_ops_prints_ratios_for_every_variant(capsys, tmp_path):
     out = tmp_path / "ops.md"
     assert main(["bench", "ops", "--numel", "4096", "--reps", "2", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    for name in ("swiglu", "relu", "gelu", "bilinear", "sqs-eager", "sqs-fused"):
+    for name in ("swiglu", "relu", "gelu", "bilinear", "sqs-naive", "sqs-fused"):
         assert f"| {name} |" in text
     assert "| swiglu | " in text and " | 1.00 | " in text  # the baseline's own ratio
     assert out.read_text().count("| sqs-fused |") == 1

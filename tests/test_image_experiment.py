@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,8 @@ import torch
 
 from sqs.data.idx import write_idx
 from sqs.experiments import image as im
-from sqs.experiments import table1
+from sqs.experiments import table1, table1_report
+from sqs.experiments.config import loads_toml, run_dir
 from sqs.training.checkpoint import CheckpointError
 from sqs.training.trainer import is_complete, read_metrics
 
@@ -73,11 +73,7 @@ def test_short_training_lowers_the_loss_and_model_reloads(tmp_path, data):
     assert loss == pytest.approx(recs[-1]["test_loss"], rel=1e-5)
 
 
-def test_sqs_gate_trains(tmp_path, data, monkeypatch):
-    import importlib
-
-    # the eager backend: no compile step in a unit test
-    monkeypatch.setattr(importlib.import_module("sqs.ops.fused_glu"), "_backend", "eager")
+def test_sqs_gate_trains(tmp_path, data, eager_backend):  # the eager backend: no compile step in a unit test
     recs = im.run_image(_cfg(gate="sqs", epochs=2), tmp_path / "run", progress=False, data=data)
     assert recs[-1]["test_loss"] < recs[0]["test_loss"]
 
@@ -151,7 +147,7 @@ def test_shipped_configs_match_the_paper_and_round_trip():
                                    'dataset="fashion-mnist"'])
     assert cfg.model.gate == "bilinear" and cfg.seed == 3 and cfg.dataset == "fashion-mnist"
     text = cfg.to_toml()
-    back = im.ImageRunConfig.from_dict(tomllib.loads(text))
+    back = im.ImageRunConfig.from_dict(loads_toml(text))
     assert back == cfg and back.to_toml() == text
 
 
@@ -180,17 +176,17 @@ def test_grid_inline_skips_finished_runs_and_writes_the_report(tmp_path):
     runs, out = tmp_path / "runs", tmp_path / "results"
     specs = table1.plan_grid(runs, datasets=["mnist"], gates=["relu", "bilinear"], seeds=2, epochs=2,
                              overrides=TINY)
-    assert [s.run_dir for s in specs][:2] == [runs / "mnist/relu/seed0", runs / "mnist/bilinear/seed0"]
-    s1 = table1.run_grid(specs, workers=1, threads=1, cache_dir=cache, progress=False, log_dir=runs)
+    assert [s.run_dir for s in specs][:2] == [runs / "sec42/mnist/relu-s0", runs / "sec42/mnist/bilinear-s0"]
+    s1 = table1.run_grid(specs, workers=1, threads=1, cache_dir=cache, progress=False, log_dir=table1.grid_dir(runs))
     assert s1["n_trained"] == 4 and not s1["failed"]
-    s2 = table1.run_grid(specs, workers=1, threads=1, cache_dir=cache, progress=False, log_dir=runs)
+    s2 = table1.run_grid(specs, workers=1, threads=1, cache_dir=cache, progress=False, log_dir=table1.grid_dir(runs))
     assert s2["n_trained"] == 0 and s2["n_skipped"] == 4
     # a run dir made with another config is refused before anything starts
     other = table1.plan_grid(runs, datasets=["mnist"], gates=["relu"], seeds=1, epochs=3, overrides=TINY)
     with pytest.raises(ValueError, match="different config"):
         table1.run_grid(other, workers=1, cache_dir=cache, progress=False)
 
-    paths = table1.write_report(runs, out)
+    paths = table1_report.write_report(runs, out)
     assert (out / "table1.md").exists() and (out / "table1.json").exists()
     assert (out / "curves_mnist.png").stat().st_size > 1000
     md = (out / "table1.md").read_text()
@@ -211,7 +207,7 @@ def test_report_from_fake_runs(tmp_path):
         for gate, speed in (("sqs", 2.0), ("relu", 1.0)):
             for seed in range(2):
                 cfg = im.load_config("sec42", [f'dataset="{ds}"', f"model.gate={gate}", f"seed={seed}"])
-                d = table1.run_dir_for(runs, ds, gate, seed)
+                d = run_dir(runs, "sec42", ds, gate, seed)
                 d.mkdir(parents=True)
                 (d / "config.json").write_text(json.dumps(im.run_record(cfg, 60000, 10000)))
                 recs = []
@@ -226,11 +222,11 @@ def test_report_from_fake_runs(tmp_path):
                     recs.append(rec)
                 (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
                 (d / "model.safetensors").write_bytes(b"")
-    unfinished = table1.run_dir_for(runs, "mnist", "gelu", 0)
+    unfinished = run_dir(runs, "sec42", "mnist", "gelu", 0)
     unfinished.mkdir(parents=True)
     cfg = im.load_config("sec42", ["model.gate=gelu"])
     (unfinished / "config.json").write_text(json.dumps(im.run_record(cfg, 60000, 10000)))
-    table1.write_report(runs, tmp_path / "out")
+    table1_report.write_report(runs, tmp_path / "out")
     md = (tmp_path / "out" / "table1.md").read_text()
     assert "## Fashion-MNIST" in md and "Unfinished runs" in md
     doc = json.loads((tmp_path / "out" / "table1.json").read_text())
@@ -243,9 +239,9 @@ def test_report_from_fake_runs(tmp_path):
 
 
 def test_first_crossing_interpolates():
-    step, at = table1.first_crossing([0, 10, 20], [0.1, 0.7, 0.9], 0.8)
+    step, at = table1_report.first_crossing([0, 10, 20], [0.1, 0.7, 0.9], 0.8)
     assert step == 20 and at == pytest.approx(15.0)
-    assert table1.first_crossing([0, 10], [0.1, 0.5], 0.8) is None
+    assert table1_report.first_crossing([0, 10], [0.1, 0.5], 0.8) is None
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -261,14 +257,14 @@ def test_cli_parses_train_image_and_table1_help(capsys, data_dir, tmp_path):
         "sec42", "mnist", "sqs", 0, "DIR", 2, "D")
     args = parser.parse_args(["experiment", "table1", "--seeds", "2", "--gates", "sqs", "relu", "--workers", "2"])
     assert (args.seeds, args.gates, args.workers, args.out, args.runs_dir) == (2, ["sqs", "relu"], 2,
-                                                                               "results/image", "runs/table1")
+                                                                               "results/image", "runs")
     with pytest.raises(SystemExit) as e:
         parser.parse_args(["experiment", "table1", "--help"])
     assert e.value.code == 0
     assert "--report-only" in capsys.readouterr().out
 
     assert main(["train", "image", "--gate", "gelu", "--set", "model.norm=rms", "--print-config"]) == 0
-    printed = tomllib.loads(capsys.readouterr().out)
+    printed = loads_toml(capsys.readouterr().out)
     assert printed["model"]["gate"] == "gelu" and printed["model"]["norm"] == "rms"
 
     run = tmp_path / "cli-run"

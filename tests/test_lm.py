@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from sqs.data import tinystories as ts
-from sqs.experiments import lm
+from sqs.experiments import lm, lm_experiment
 from sqs.models.gpt import GPT, GPTConfig
 from sqs.training.checkpoint import load_weights, read_meta
 from sqs.training.trainer import TrainingDiverged
@@ -49,14 +49,9 @@ eval_batch = 16
 
 
 @pytest.fixture(autouse=True)
-def _eager_sqs():
+def _eager(eager_backend):
     """The fused SQS op's eager backend: same math, no Inductor compile in the tests."""
-    from sqs.ops import get_backend, set_backend
-
-    old = get_backend()
-    set_backend("eager")
     yield
-    set_backend(old)
 
 
 @pytest.fixture(scope="module")
@@ -166,14 +161,16 @@ def test_shipped_configs_and_overrides():
     assert lm.plan(paper, 1_000_000)["tokens_per_step"] == 512 * 256
     p = lm.plan(cpu, 4_174_385)
     assert p["steps"] * p["tokens_per_step"] == cpu.tokens
-    c = lm.load_config("tinystories-paper", ["train.epochs=3", "lr=3e-4", "betas=[0.9, 0.95]"], gate="swiglu")
+    c = lm.load_config("tinystories-paper", ["train.epochs=3", "train.lr=3e-4", "train.betas=[0.9, 0.95]"], gate="swiglu")
     assert (c.epochs, c.lr, c.betas, c.gate, c.tokens) == (3, 3e-4, (0.9, 0.95), "swiglu", None)
     with pytest.raises(ValueError, match="unknown key"):
         lm.load_config("tinystories-cpu", ["learning_rate=1"])
     with pytest.raises(ValueError, match="exactly one"):
         lm.LMRunConfig(steps=3, epochs=1)
+    with pytest.raises(ValueError, match="belongs in \\[train\\]; write it as train.lr"):
+        lm.load_config("tinystories-cpu", ["lr=3e-4"])
     with pytest.raises(FileNotFoundError, match="tinystories-cpu"):
-        lm.config_path("no-such-config")
+        lm.load_config("no-such-config")
 
 
 def test_batches_depend_on_step_only_and_split_across_ranks(cache):
@@ -294,7 +291,7 @@ def test_experiment_writes_table_curves_samples_and_skips_finished_runs(cache, t
     cfg.write_text(TINY_TOML)
     kw = dict(out=tmp_path / "results", runs_dir=tmp_path / "runs", gates=["sqs", "bilinear"], extra_seeds=[1],
               cache_dir=cache, progress=False, max_new_tokens=12)
-    table = lm.run_experiment(cfg, throughput_reps=2, **kw)
+    table = lm_experiment.run_experiment(cfg, throughput_reps=2, **kw)
     runs = [(r["gate"], r["seed"]) for r in table["runs"]]
     assert runs == [("sqs", 0), ("bilinear", 0), ("sqs", 1)]
     assert all(r["complete"] and set(r["at"]) == {"25%", "50%", "75%", "100%"} for r in table["runs"])
@@ -313,7 +310,7 @@ def test_experiment_writes_table_curves_samples_and_skips_finished_runs(cache, t
     assert math.isclose(table["per_gate"]["sqs"]["val_ppl_of_mean"],
                         math.exp(table["per_gate"]["sqs"]["val_loss_mean"]))
     # finished runs are skipped; --report-only rebuilds the same table from the run dirs
-    mtime = (tmp_path / "runs" / "tiny" / "sqs-s0" / "model.safetensors").stat().st_mtime_ns
-    again = lm.run_experiment(cfg, report_only=True, samples=False, **{k: v for k, v in kw.items()})
-    assert (tmp_path / "runs" / "tiny" / "sqs-s0" / "model.safetensors").stat().st_mtime_ns == mtime
+    mtime = (tmp_path / "runs" / "tiny" / "tinystories" / "sqs-s0" / "model.safetensors").stat().st_mtime_ns
+    again = lm_experiment.run_experiment(cfg, report_only=True, samples=False, **{k: v for k, v in kw.items()})
+    assert (tmp_path / "runs" / "tiny" / "tinystories" / "sqs-s0" / "model.safetensors").stat().st_mtime_ns == mtime
     assert again["per_gate"] == table["per_gate"]

@@ -128,18 +128,7 @@ def test_sqs_is_first_order_and_refuses_deep_models():
         decompose(make_model("identity", n_layers=2), force=True)
 
 
-@pytest.fixture
-def eager_sqs():
-    """Run SQS forwards with the eager backend (no torch.compile start-up in tests)."""
-    from sqs import ops
-
-    old = ops.get_backend()
-    ops.set_backend("eager")
-    yield
-    ops.set_backend(old)
-
-
-def test_sqs_first_order_reading_matches_bilinear_weights_and_fidelity_is_measured(eager_sqs):
+def test_sqs_first_order_reading_matches_bilinear_weights_and_fidelity_is_measured(eager_backend):
     """Same weights, SQS gate: the eigenvectors are those of the bilinear model; the
     fidelity numbers tell how far the first-order reading is from the model."""
     bil, sq = make_model("identity", seed=5), make_model("sqs", seed=5)
@@ -187,25 +176,26 @@ def test_truncated_surrogate():
 
 
 @pytest.fixture
-def fake_runs(monkeypatch, tmp_path, eager_sqs):
-    """Runs resolved by name ('<gate>-seed<s>' dirs) to tiny hand-built models; a tiny fake test set."""
-    from sqs.interp import commands, plots, report
+def fake_runs(monkeypatch, tmp_path, eager_backend):
+    """Runs resolved by name ('<gate>-s<seed>' dirs) to tiny hand-built models; a tiny fake test set."""
+    from sqs.experiments import spectra as sx
+    from sqs.interp import plots
 
     monkeypatch.setattr(plots, "DPI", 30)
 
     def load_run(run_dir):
         name = str(run_dir).rstrip("/").split("/")[-1]
-        gate, seed = name.split("-seed")
+        gate, seed = name.split("-s")
         m = make_model({"bilinear": "identity"}.get(gate, gate), seed=int(seed), d=8, h=8)
         return m.float(), {"data": {"dataset": "mnist"}, "gate": gate}
 
     g = torch.Generator().manual_seed(0)
     test = (torch.rand(60, PIX, generator=g), torch.randint(0, C, (60,), generator=g))
     trained = []
-    monkeypatch.setattr(report, "load_run", load_run)
-    monkeypatch.setattr(report, "load_test", lambda ds, data_dir=None: test)
-    monkeypatch.setattr(commands, "is_finished", lambda rd: rd in trained)
-    monkeypatch.setattr(commands, "train_one", lambda ds, gate, seed, epochs, rd, data_dir=None: trained.append(rd))
+    monkeypatch.setattr(sx, "load_run", load_run)
+    monkeypatch.setattr(sx, "load_test", lambda ds, data_dir=None: test)
+    monkeypatch.setattr(sx, "is_finished", lambda rd: rd in trained)
+    monkeypatch.setattr(sx, "train_one", lambda ds, gate, seed, epochs, rd, data_dir=None: trained.append(rd))
     return tmp_path, trained
 
 
@@ -217,7 +207,8 @@ def test_experiment_and_report_end_to_end(fake_runs, monkeypatch):
     import matplotlib.pyplot as plt
 
     from sqs.cli import main
-    from sqs.interp import plots, write_report
+    from sqs.experiments.demo import write_report
+    from sqs.interp import plots
 
     real = {}
 
@@ -257,14 +248,15 @@ def test_experiment_and_report_end_to_end(fake_runs, monkeypatch):
     assert (out / "mnist" / "cosine_per_rank.png").stat().st_size > 0
 
     # single-run commands
-    rd = {"bilinear": tmp / "runs" / "mnist" / "bilinear-seed0", "sqs": tmp / "runs" / "mnist" / "sqs-seed0"}
+    runs = tmp / "runs" / "sec41" / "mnist"  # runs/<config>/<dataset>/<gate>-s<seed>
+    rd = {"bilinear": runs / "bilinear-s0", "sqs": runs / "sqs-s0"}
     run = str(rd["sqs"])
     assert main(["spectra", "decompose", run, "--out", str(tmp / "d")]) == 0
     assert json.loads((tmp / "d" / "spectra.json").read_text())["decomposition"]["exact"] is False
     assert main(["spectra", "compare", str(rd["bilinear"]), run, "--out", str(tmp / "c")]) == 0
     assert main(["spectra", "explain", run, "--index", "3", "--out", str(tmp / "e")]) == 0
     assert (tmp / "e" / "explanation_3.png").exists()
-    relu = str(tmp / "runs" / "mnist" / "relu-seed0")
+    relu = str(runs / "relu-s0")
     assert main(["spectra", "decompose", relu, "--out", str(tmp / "r"), "--no-fidelity"]) == 2  # refused
     assert main(["spectra", "decompose", relu, "--out", str(tmp / "r"), "--no-fidelity", "--force"]) == 0
 

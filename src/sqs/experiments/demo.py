@@ -5,7 +5,7 @@ the Bilinear and the SQS gate, decomposes both into per-class eigenvectors and
 writes a self-contained report (report.html with the images embedded, report.md
 with PNGs beside it): eigenvector images side by side, spectra, an explanation of
 one test digit, and how faithful the quadratic-form reading is (surrogate R² and
-accuracy, truncated to the top-k eigenvectors). About 40 s on 2 CPU cores (measured).
+accuracy, truncated to the top-k eigenvectors).
 """
 
 from __future__ import annotations
@@ -13,41 +13,125 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from sqs.experiments import spectra as sx
+from sqs.experiments.config import run_dir
+from sqs.experiments.doc import Doc
+from sqs.experiments.spectra_report import fidelity_table, fig2_reference, reference_lines
+from sqs.experiments.style import gate_label
+from sqs.interp import plots
+from sqs.interp.spectra import cosine_per_rank, model_logits
+from sqs.io import write_json, write_text
+
 
 def run_demo(out: str | Path = "report", runs_dir: str | Path = "runs/demo", dataset: str = "mnist",
              epochs: int = 20, seed: int = 0, data_dir: str | None = None, cache_dir: str | None = None) -> dict:
+    """Train (or reuse) the two Sec. 4.1 runs at `runs_dir/sec41/<dataset>/<gate>-s<seed>`, then
+    write the report to `out`; returns the report's paths."""
     from sqs.data import images
-    from sqs.interp.commands import run_dir_for, train_one
-    from sqs.interp.report import write_report
 
     t0 = time.perf_counter()
     if data_dir is None:
         images.fetch(dataset, cache_dir=cache_dir)
     run_dirs = {}
-    for gate in ("bilinear", "sqs"):  # the same Sec. 4.1 runs as `sqs experiment spectra`
-        run_dirs[gate] = run_dir_for(runs_dir, dataset, gate, seed)
+    for gate in sx.GATES:  # the same Sec. 4.1 runs as `sqs experiment spectra`
+        run_dirs[gate] = run_dir(runs_dir, sx.CONFIG, dataset, gate, seed)
         print(f"demo: training 1-layer {gate} on {dataset} ({epochs} epochs) -> {run_dirs[gate]}", flush=True)
-        train_one(dataset, gate, seed, epochs, run_dirs[gate], data_dir=data_dir, cache_dir=cache_dir)
+        sx.train_one(dataset, gate, seed, epochs, run_dirs[gate], data_dir=data_dir, cache_dir=cache_dir)
     print("demo: decomposing and writing the report", flush=True)
     paths = write_report(run_dirs, out, dataset=dataset, data_dir=data_dir)
     print(f"demo: done in {time.perf_counter() - t0:.0f} s; open {paths.get('html', out)}", flush=True)
     return paths
 
 
-def _demo(args) -> int:
-    run_demo(out=args.out, runs_dir=args.runs_dir, dataset=args.dataset, epochs=args.epochs, seed=args.seed,
-             data_dir=args.data_dir, cache_dir=args.cache_dir)
-    return 0
+def write_report(run_dirs: dict[str, str | Path], out_dir: str | Path, dataset: str | None = None,
+                 data_dir: str | None = None, explain_index: int = 0, classes=None) -> dict[str, Path]:
+    """Eigenvector images and fidelity numbers for each run (e.g. {"bilinear": dir, "sqs": dir}).
+
+    Writes out_dir/report.md (+ PNGs beside it), out_dir/report.html (images embedded)
+    and out_dir/report.json; returns their paths.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    test = None
+    analyses: dict[str, sx.RunAnalysis] = {}
+    for gate, rd in run_dirs.items():
+        if dataset is None:
+            dataset = sx.dataset_of(sx.load_run(rd)[1])
+        if test is None and dataset is not None:
+            try:
+                test = sx.load_test(dataset, data_dir)
+            except Exception as e:  # noqa: BLE001 - reported in the document
+                print(f"report: test set of {dataset} unavailable ({e}); writing figures without fidelity")
+                test = ()
+        analyses[gate] = sx.analyse_run(rd, dataset=dataset, test=test or None, with_fidelity=bool(test))
+    names = {g: gate_label(g) for g in analyses}
+
+    doc = Doc(out)
+    doc.h(1, f"Weight spectra: {' vs '.join(names.values())} on {dataset or 'unknown dataset'}")
+    doc.p("Each class logit of a 1-layer GLU classifier read as a quadratic form x^T B_a x of the embedded input "
+          "x = E img, B_a = Σ_i (H P)_ai w_i v_i^T (symmetrised), decomposed as Σ_k λ_k (q_k·x)². "
+          "For Bilinear (identity gate) this is exact. For SQS it is the paper's first-order reading: the SQS gate "
+          "is treated as the identity, so the eigenvectors describe the model only approximately; the fidelity "
+          "table below measures how well. Eigenvectors are shown in pixel space (E^T q; red positive, blue "
+          "negative, white zero).")
+    for a in analyses.values():
+        doc.p(f"{a.title}: {a.run_dir} — {a.dec.reading}.")
+
+    if len(analyses) >= 2:
+        decs = {a.title: a.dec for a in analyses.values()}
+        path = plots.save(plots.plot_comparison_grid(decs, classes=classes if classes is not None else range(5),
+                                                     n=2, dataset=dataset), out / "eigenvectors_side_by_side.png")
+        doc.h(2, "Top eigenvectors side by side")
+        doc.img(path, "Top-2 eigenvectors by |λ| per class; later models' signs aligned to the first; "
+                      "|cos| in pixel space between equal ranks (SQS: first-order reading).")
+        labels = list(analyses)
+        cos = cosine_per_rank(analyses[labels[0]].dec, analyses[labels[1]].dec)
+        path = plots.save(plots.plot_cosine_per_rank({f"{names[labels[1]]} vs {names[labels[0]]}": cos[None]},
+                                                     max_rank=min(64, cos.shape[-1]), reference=reference_lines()),
+                          out / "cosine_per_rank.png")
+        doc.h(2, "Eigenvector similarity per rank")
+        m = cos.mean(0)
+        doc.table(["rank"] + [str(i + 1) for i in range(5)] + ["min over ranks (top 10)", "min over all ranks"],
+                  [["mean |cos| over classes"] + [f"{float(m[i]):.3f}" for i in range(min(5, len(m)))]
+                   + [f"{float(m[:10].min()):.3f}", f"{float(m.min()):.3f}"]])
+        doc.img(path, "|cos| between eigenvectors of equal rank (pixel space), mean over classes, one model pair. "
+                      f"The paper (Sec. 4.1): {fig2_reference()['claim']}.")
+
+    if any(a.fidelity for a in analyses.values()):
+        doc.h(2, "Fidelity of the eigen-reading on the test set")
+        header, rows = fidelity_table({a.title: [a.fidelity] for a in analyses.values()})
+        doc.table(header, rows)
+        doc.p("Surrogate: logits rebuilt from the eigendecomposition, Σ_k λ_k (q_k·x)², using the top-k "
+              "eigenvectors per class. Bilinear: R² = 1 by construction. SQS: how much of the model the "
+              "first-order reading reproduces.")
+        path = plots.save(plots.plot_truncation({a.title: a.fidelity for a in analyses.values() if a.fidelity}),
+                          out / "truncation.png")
+        doc.img(path, "Accuracy of the surrogate keeping the top-k eigenvectors per class (dotted: the model).")
+    for g, a in analyses.items():
+        if a.fidelity_error:
+            doc.p(f"{a.title}: fidelity not measured ({a.fidelity_error}).")
+
+    for g, a in analyses.items():
+        doc.h(2, a.title)
+        p1 = plots.save(plots.plot_eigenvector_grid(a.dec, classes=classes, n=2, dataset=dataset),
+                        out / f"eigenvectors_{g}.png")
+        doc.img(p1, f"{a.title}: top-2 positive and negative eigenvectors per class.")
+        p2 = plots.save(plots.plot_spectrum(a.dec, classes=classes, dataset=dataset), out / f"spectrum_{g}.png")
+        doc.img(p2, f"{a.title}: eigenvalue spectrum per class (top 30 by |λ|).")
+        if test:
+            img, label = test[0][explain_index], int(test[1][explain_index])
+            z = model_logits(a.model, img[None])[0]
+            p3 = plots.save(plots.plot_explanation(a.dec, img, z, label=label, dataset=dataset),
+                            out / f"explanation_{g}.png")
+            doc.img(p3, f"{a.title}: explanation of test image #{explain_index}: contributions λ_k (q_k·x)².")
+
+    title = f"Weight spectra ({dataset})"
+    md = write_text(out / "report.md", doc.markdown())
+    ht = write_text(out / "report.html", doc.html(title))
+    js = write_json(out / "report.json", {
+        "dataset": dataset,
+        "runs": {g: {"run_dir": str(a.run_dir), "decomposition": a.dec.to_dict(), "fidelity": a.fidelity,
+                     "fidelity_error": a.fidelity_error} for g, a in analyses.items()}})
+    return {"md": md, "html": ht, "json": js}
 
 
-def register(sub, groups) -> None:
-    p = sub.add_parser("demo", help="fetch MNIST, train Bilinear and SQS, decompose, write a report (a few minutes)",
-                       description=__doc__.split("\n\n")[1])
-    p.add_argument("--out", default="report", help="report folder (default: report/)")
-    p.add_argument("--runs-dir", default="runs/demo", help="where the two training runs go (resumable)")
-    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"])
-    p.add_argument("--epochs", type=int, default=20, help="epochs per model (paper: 20)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-dir", help="a folder of IDX files instead of fetching")
-    p.add_argument("--cache-dir", help="cache root (default $SQS_CACHE_DIR or ~/.cache/sqs)")
-    p.set_defaults(func=_demo)

@@ -3,8 +3,8 @@
 One run = one `ImageRunConfig` trained by the project's trainer into a run directory:
 
     cfg = load_config("sec42", overrides=["dataset=fashion-mnist", "model.gate=sqs", "seed=3"])
-    run_image(cfg, "runs/fm-sqs-3")
-    model, config = load_image_model("runs/fm-sqs-3")
+    run_image(cfg, "runs/sec42/fashion-mnist/sqs-s3")
+    model, config = load_image_model("runs/sec42/fashion-mnist/sqs-s3")
 
 Data and batches
     The train and test sets are held in memory as tensors ((N, 784) float32 in [0, 1],
@@ -38,20 +38,20 @@ import copy
 import json
 import math
 import time
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
-from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 
+from sqs.experiments import config as _config
+from sqs.experiments.config import apply_overrides, dumps_toml, parse_override, run_name  # noqa: F401
 from sqs.functional import canonical_gate
 from sqs.io import write_json
 from sqs.models.image import ImageClassifier, ImageModelConfig
 from sqs.training.checkpoint import CheckpointError, load_checkpoint, read_meta
-from sqs.training.trainer import TrainConfig, read_metrics, step_generator, train
+from sqs.training.trainer import TrainConfig, step_generator, train
 
 DATASETS = ("mnist", "fashion-mnist")
 RUN_KIND = "image"
@@ -163,7 +163,8 @@ class ImageRunConfig:
         return dumps_toml(self.to_dict())
 
     def name(self) -> str:
-        return f"{self.dataset}/{self.model.gate}/seed{self.seed}"
+        """`<dataset>/<gate>-s<seed>`: the run's label and the tail of its run directory."""
+        return f"{self.dataset}/{run_name(self.model.gate, self.seed)}"
 
 
 @dataclass
@@ -191,103 +192,18 @@ def _model_config(d: Mapping[str, Any]) -> ImageModelConfig:
 
 
 def config_names() -> list[str]:
-    """The configs shipped with the package (`sqs/configs/image/*.toml`), by name."""
-    folder = resources.files("sqs") / "configs" / "image"
-    try:
-        return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml") and not p.name.startswith("_"))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
+    """The image configs shipped with the package (`sqs/configs/image/*.toml`), by name."""
+    return _config.config_names("image")
 
 
-def _config_text(name_or_path: str | Path) -> tuple[str, str]:
-    path = Path(name_or_path)
-    if path.suffix == ".toml" or path.exists():
-        if not path.is_file():
-            raise FileNotFoundError(f"image config file {path} does not exist")
-        return path.read_text(encoding="utf-8"), str(path)
-    res = resources.files("sqs") / "configs" / "image" / f"{name_or_path}.toml"
-    if not res.is_file() or str(name_or_path).startswith("_"):
-        raise FileNotFoundError(f"no image config named {str(name_or_path)!r}; shipped configs: "
-                                f"{', '.join(config_names()) or '(none)'}; or give the path of a .toml file")
-    return res.read_text(encoding="utf-8"), f"sqs/configs/image/{name_or_path}.toml"
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`key=value` (dotted keys reach into tables: `model.norm=rms`); the value is read as
-    a TOML value (`0.1`, `true`, `[0.9, 0.99]`, `"x"`), falling back to a bare string."""
-    if "=" not in text:
-        raise ValueError(f"override {text!r} is not of the form key=value (e.g. model.norm=rms or train.lr=3e-3)")
-    key, raw = (s.strip() for s in text.split("=", 1))
-    if not key:
-        raise ValueError(f"override {text!r} has an empty key")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return key, value
-
-
-def apply_overrides(d: dict, overrides: Mapping[str, Any] | Iterable[str] | None) -> dict:
-    """A copy of config dict `d` with overrides applied (dotted keys create nested tables)."""
-    d = copy.deepcopy(d)
-    if not overrides:
-        return d
-    items = overrides.items() if isinstance(overrides, Mapping) else (parse_override(s) for s in overrides)
-    for key, value in items:
-        parts = key.split(".")
-        node = d
-        for p in parts[:-1]:
-            nxt = node.setdefault(p, {})
-            if not isinstance(nxt, dict):
-                raise ValueError(f"override {key!r}: {p!r} is not a table")
-            node = nxt
-        node[parts[-1]] = value
-    return d
-
-
-def load_config(name_or_path: str | Path = "sec42", overrides: Mapping[str, Any] | Iterable[str] | None = None
-                ) -> ImageRunConfig:
-    """Read a shipped config by name (`sec41`, `sec42`) or a TOML file, then apply overrides."""
-    text, where = _config_text(name_or_path)
-    try:
-        d = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{where}: not valid TOML ({e})") from e
-    d = apply_overrides(d, overrides)
+def load_config(name_or_path: str | Path = "sec42", overrides: _config.Overrides = None) -> ImageRunConfig:
+    """Read a shipped config by name (`sec41`, `sec42`) or a TOML file, then apply overrides
+    (`model.gate=sqs`, `train.lr=3e-3`; see `sqs.experiments.config`)."""
+    d, where = _config.load_config_dict("image", name_or_path, overrides)
     try:
         return ImageRunConfig.from_dict(d)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: {e}") from e
-
-
-def dumps_toml(d: Mapping[str, Any]) -> str:
-    """A small TOML writer for config dicts (scalars, lists, nested tables)."""
-
-    def val(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int):
-            return str(v)
-        if isinstance(v, float):
-            return repr(v) if math.isfinite(v) else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"))
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        if isinstance(v, Mapping):
-            return "{" + ", ".join(f"{_key(k)} = {val(x)}" for k, x in v.items()) + "}"
-        raise TypeError(f"cannot write {type(v).__name__} as TOML")
-
-    out = [f"{_key(k)} = {val(v)}" for k, v in d.items() if not isinstance(v, Mapping)]
-    for k, v in d.items():  # top-level tables become [sections]; deeper ones inline tables
-        if isinstance(v, Mapping):
-            out.append(f"\n[{_key(k)}]")
-            out.extend(f"{_key(kk)} = {val(vv)}" for kk, vv in v.items())
-    return "\n".join(out) + "\n"
-
-
-def _key(k: str) -> str:
-    return k if k.replace("_", "").replace("-", "").isalnum() else json.dumps(k)
 
 
 # ----------------------------------------------------------------------------- task
@@ -477,7 +393,3 @@ def load_image_model(run_dir: str | Path, *, allow_incomplete: bool = False) -> 
     model.eval()
     return model, config
 
-
-def final_metrics(run_dir: str | Path) -> dict | None:
-    recs = [m for m in read_metrics(run_dir) if m.get("final")]
-    return recs[-1] if recs else None

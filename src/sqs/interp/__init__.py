@@ -2,6 +2,10 @@
 
     from sqs.interp import decompose, surrogate_logits, fidelity, cosine_per_rank
     dec = decompose(model)            # Bilinear: exact; SQS: first-order reading
+
+Pure analysis over models, weight tensors and data tensors: nothing here reads run
+directories or trains (the Sec. 4.1 experiment is `sqs.experiments.spectra`).
+`sqs.interp.plots` draws the figures (matplotlib).
 """
 
 from sqs.interp.spectra import (  # noqa: F401
@@ -25,9 +29,3 @@ from sqs.interp.spectra import (  # noqa: F401
     surrogate_terms,
 )
 
-
-def write_report(run_dirs, out_dir, dataset=None, **kwargs):
-    """See `sqs.interp.report.write_report` (imported lazily: it pulls in matplotlib)."""
-    from sqs.interp.report import write_report as _w
-
-    return _w(run_dirs, out_dir, dataset, **kwargs)

@@ -326,21 +326,25 @@ def fidelity(model, dec: Decomposition, images: torch.Tensor, labels: torch.Tens
     return out
 
 
-def pair_cosines(decs_a: list[Decomposition], decs_b: list[Decomposition] | None = None,
-                 paired: bool = True) -> torch.Tensor:
-    """Stack |cos| per rank over pairs: (n_pairs, C, r).
+def pair_cosines(decs_a: list[Decomposition] | dict, decs_b: list[Decomposition] | dict | None = None,
+                 paired: bool = True, measure=cosine_per_rank) -> torch.Tensor:
+    """Stack `measure(a, b)` (|cos| per rank by default; or `cosine_best_match`) over pairs: (n_pairs, C, r).
 
-    decs_b None: all unordered pairs within decs_a (seed-vs-seed baselines).
-    paired=True: decs_a[i] vs decs_b[i] (same seed); False: every i != j cross pair.
+    Lists are read as {index: decomposition}; dicts keyed by seed pair models by seed.
+    decs_b None: all pairs i < j within decs_a (seed-vs-seed baselines).
+    paired=True: a[k] vs b[k] for every key k both have (same seed); False: every a[i] vs b[j], i != j.
     """
+    a = dict(enumerate(decs_a)) if isinstance(decs_a, (list, tuple)) else dict(decs_a)
     if decs_b is None:
-        pairs = [(decs_a[i], decs_a[j]) for i in range(len(decs_a)) for j in range(i + 1, len(decs_a))]
-    elif paired:
-        if len(decs_a) != len(decs_b):
-            raise ValueError("pair_cosines: paired lists must have equal length")
-        pairs = list(zip(decs_a, decs_b))
+        pairs = [(a[i], a[j]) for i in a for j in a if i < j]
     else:
-        pairs = [(a, b) for i, a in enumerate(decs_a) for j, b in enumerate(decs_b) if i != j]
+        b = dict(enumerate(decs_b)) if isinstance(decs_b, (list, tuple)) else dict(decs_b)
+        if paired:
+            if isinstance(decs_a, (list, tuple)) and len(a) != len(b):
+                raise ValueError("pair_cosines: paired lists must have equal length")
+            pairs = [(a[k], b[k]) for k in sorted(set(a) & set(b))]
+        else:
+            pairs = [(a[i], b[j]) for i in a for j in b if i != j]
     if not pairs:
         raise ValueError("pair_cosines: no pairs to compare (need at least two models)")
-    return torch.stack([cosine_per_rank(a, b) for a, b in pairs])
+    return torch.stack([measure(x, y) for x, y in pairs])

@@ -1,10 +1,13 @@
-"""`sqs bench ops`, `sqs bench glu`, `sqs bench head` and `sqs bench lm`."""
+"""`sqs bench ops`, `sqs bench glu`, `sqs bench head` and `sqs bench lm`: parse, call `sqs.bench.ops`
+(and `sqs.experiments.lm_experiment.measure_throughput`), print and keep the tables."""
 
 from __future__ import annotations
 
 import itertools
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "float64": "float64"}
+from sqs.cli._args import add_gate
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 def _dtype(name: str):
@@ -73,10 +76,10 @@ def _head(args) -> int:
 
 def _lm(args) -> int:
     from sqs.bench.ops import format_lm_table
-    from sqs.experiments.lm import load_config, measure_throughput
-    from sqs.functional import canonical_gate
+    from sqs.experiments.lm import load_config
+    from sqs.experiments.lm_experiment import measure_throughput
 
-    gates = list(dict.fromkeys(["swiglu"] + [canonical_gate(g) for g in args.gates]))  # SwiGLU: the baseline
+    gates = list(dict.fromkeys(["swiglu"] + list(args.gates)))  # SwiGLU: the baseline
     tp = measure_throughput(load_config(args.config), gates, reps=args.reps, batch=args.batch)
     table = format_lm_table(tp)
     print(table)
@@ -85,10 +88,10 @@ def _lm(args) -> int:
 
 
 def register(sub, groups) -> None:
-    p = groups["bench"].add_parser("ops", help="gate op forward+backward time and peak memory, ratios to eager SwiGLU")
+    p = groups["bench"].add_parser("ops", help="gate op forward+backward time and peak memory, ratios to SwiGLU in plain PyTorch")
     p.add_argument("--numel", type=int, nargs="+", default=[8 * 2**20], help="elements per tensor (default 8M)")
     p.add_argument("--reps", type=int, default=10, help="timed repetitions per variant (median reported; >= 10)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--out", help="also write the table(s) to this markdown file")
     p.set_defaults(func=_ops)
 
@@ -98,7 +101,7 @@ def register(sub, groups) -> None:
     p.add_argument("--width", type=int, nargs="+", default=[256, 512, 1024],
                    help="widths (paper: 256 512 1024 2048; CPU default a subset)")
     p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--out", help="also write the table to this markdown file")
     p.set_defaults(func=_glu)
 
@@ -113,8 +116,8 @@ def register(sub, groups) -> None:
     p = groups["bench"].add_parser("lm", help="TinyStories model training step, all gates interleaved: tokens/s "
                                               "and ratio to SwiGLU")
     p.add_argument("--config", default="tinystories-cpu", help="LM config name or .toml path (model and batch)")
-    p.add_argument("--gates", nargs="+", default=["swiglu", "sqs", "relu", "gelu", "bilinear"],
-                   help="gates (first-class names; silu is the baseline)")
+    add_gate(p, "--gates", nargs="+", default=["swiglu", "sqs", "relu", "gelu", "bilinear"],
+             help="gates to time (SwiGLU, the baseline, is always timed)")
     p.add_argument("--batch", type=int, help="sequences per step (default: the config's micro-batch)")
     p.add_argument("--reps", type=int, default=12)
     p.add_argument("--out", help="also write the table to this markdown file")

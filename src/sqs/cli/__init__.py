@@ -3,20 +3,21 @@
     sqs data fetch mnist|fashion-mnist|tinystories
     sqs train image|lm ...
     sqs experiment table1|spectra|tinystories
-    sqs spectra ...
+    sqs spectra decompose|compare|explain ...
     sqs generate RUN_DIR --prompt ...
-    sqs bench ops|glu
+    sqs bench ops|glu|head|lm
     sqs demo
 
-Each area registers its own commands (a `register(sub, groups)` function in the
-modules listed below), so this file stays a table of contents.
+Each module of this package registers its commands (`register(sub, groups)`), parses
+arguments and calls a library function; none computes anything itself.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+
+from sqs.cli import bench, data, demo, experiment, generate, spectra, train
 
 GROUPS = {
     "data": "obtain and prepare datasets",
@@ -25,15 +26,7 @@ GROUPS = {
     "spectra": "eigendecompose trained models and plot their features",
     "bench": "benchmarks that print ratios measured side by side",
 }
-
-COMMAND_MODULES = [
-    "sqs.data.commands",
-    "sqs.bench.commands",
-    "sqs.experiments.image_commands",
-    "sqs.experiments.lm_commands",
-    "sqs.interp.commands",
-    "sqs.experiments.demo",
-]
+MODULES = (data, bench, train, experiment, spectra, generate, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,13 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_ in GROUPS.items():
         gp = sub.add_parser(name, help=help_, description=help_)
         groups[name] = gp.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
-    for mod in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name == mod:  # the area is not installed in this build
-                continue
-            raise
+    for module in MODULES:
         module.register(sub, groups)
     return parser
 
@@ -64,7 +51,3 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     return int(out or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""`sqs data fetch DATASET`."""
+"""`sqs data fetch DATASET`: parse, then call `sqs.data.images.fetch` or `sqs.data.tinystories.fetch`."""
 
 from __future__ import annotations
 

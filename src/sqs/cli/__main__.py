@@ -1,0 +1,7 @@
+"""`python -m sqs.cli ...` (also under `torchrun -m sqs.cli ...`)."""
+
+import sys
+
+from sqs.cli import main
+
+sys.exit(main())

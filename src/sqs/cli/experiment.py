@@ -1,0 +1,125 @@
+"""`sqs experiment table1|spectra|tinystories`: a paper experiment end to end, results to --out.
+
+Runs go to RUNS/<config>/<dataset>/<gate>-s<seed> (--runs-dir RUNS, default runs/), e.g.
+runs/sec42/mnist/sqs-s0, runs/sec41/fashion-mnist/bilinear-s3, runs/tinystories-cpu/tinystories/sqs-s0.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from sqs.cli._args import add_gate
+from sqs.cli.train import add_image_common, add_lm_common, finish_dist, is_rank0, lm_length
+
+RUNS_HELP = "runs folder: runs go to RUNS_DIR/<config>/<dataset>/<gate>-s<seed> (default: %(default)s)"
+
+
+def _table1(args) -> int:
+    from sqs.experiments import table1, table1_report
+
+    summary = None
+    if not args.report_only:
+        specs = table1.plan_grid(args.runs_dir, datasets=args.datasets, gates=args.gates, seeds=args.seeds,
+                                 epochs=args.epochs, config=args.config, overrides=args.overrides)
+        workers = args.workers or table1.default_workers()
+        threads = args.threads or 1
+        grid = table1.grid_dir(args.runs_dir, args.config)
+        print(f"table1: {len(specs)} runs in {grid} ({workers} worker(s) x {threads} thread(s))", file=sys.stderr)
+        summary = table1.run_grid(specs, workers=workers, threads=threads, cache_dir=args.cache_dir,
+                                  progress=not args.no_progress, run_bars=not args.no_run_bars, log_dir=grid)
+        print(f"table1: trained {summary['n_trained']}, skipped {summary['n_skipped']} finished, "
+              f"{len(summary['failed'])} failed, wall {summary['wall_s']:.1f} s", file=sys.stderr)
+    paths = table1_report.write_report(args.runs_dir, args.out, config=args.config)
+    for p in paths.values():
+        print(p)
+    if summary and summary["failed"]:
+        print("failed runs: " + ", ".join(f["run"] for f in summary["failed"]) + " (re-run the command to retry)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _spectra(args) -> int:
+    from sqs.experiments.spectra import run_experiment
+
+    run_experiment(runs_dir=args.runs_dir, out=args.out, seeds=args.seeds, datasets=args.datasets,
+                   epochs=args.epochs, report_only=args.report_only, data_dir=args.data_dir,
+                   explain_index=args.explain_index)
+    return 0
+
+
+def _tinystories(args) -> int:
+    from sqs.experiments import lm
+    from sqs.experiments.lm_experiment import run_experiment
+
+    started = False if args.report_only else lm.init_distributed(args.device)
+    try:
+        overrides = list(args.overrides) + [f"train.{k}={v}" for k, v in lm_length(args).items()]
+        table = run_experiment(args.config, out=args.out, runs_dir=args.runs_dir, gates=args.gates,
+                               extra_seeds=args.extra_seeds, overrides=overrides, report_only=args.report_only,
+                               cache_dir=args.cache_dir, device=args.device, progress=not args.no_progress,
+                               samples=not args.no_samples, max_new_tokens=args.max_new_tokens,
+                               throughput_reps=args.throughput_reps)
+    finally:
+        finish_dist(started)
+    if is_rank0() and table:
+        print(f"wrote {args.out}/table.md, table.json, curves.png" + ("" if args.no_samples else ", samples.md"))
+        print(Path(args.out, "table.md").read_text())
+    return 0
+
+
+def register(sub, groups) -> None:
+    from sqs.experiments.image import DATASETS
+    from sqs.functional import GATES
+
+    p = groups["experiment"].add_parser(
+        "table1", help="paper Table 1 / Fig. 3: 5 gates x 5 seeds x {MNIST, Fashion-MNIST}",
+        description="Train the Sec. 4.2 grid (finished runs are skipped, interrupted ones resumed), then write "
+                    "table1.md (mean ± std over seeds at 25/50/75/100% beside the paper's values, first gate to "
+                    "80/85/90% accuracy, timings), table1.json and curves_<dataset>.png to --out.")
+    add_image_common(p)
+    p.add_argument("--out", default="results/image", help="report folder (default: %(default)s)")
+    p.add_argument("--runs-dir", default="runs", help=RUNS_HELP)
+    p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default: %(default)s)")
+    add_gate(p, "--gates", nargs="+", default=list(GATES), help=f"gates (default: {' '.join(GATES)})")
+    p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS), metavar="DATASET",
+                   help=f"any of {', '.join(DATASETS)} (default: both)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="parallel worker processes (default: one per available CPU core, each with --threads 1)")
+    p.add_argument("--report-only", action="store_true", help="only (re)write the report from the run directories")
+    p.add_argument("--no-run-bars", action="store_true",
+                   help="only the overall progress bar (no per-run bars; useful when logging to a file)")
+    p.set_defaults(func=_table1)
+
+    p = groups["experiment"].add_parser(
+        "spectra", help="Sec. 4.1: train Bilinear + SQS 1-layer models, compare their eigenvectors",
+        description="Train (skipping finished runs) 1-layer Bilinear and SQS models per seed and dataset (config "
+                    "sec41), decompose them and write summary.md, summary.json and figures.")
+    p.add_argument("--runs-dir", default="runs", help=RUNS_HELP)
+    p.add_argument("--out", default="results/spectra")
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--report-only", action="store_true", help="train nothing; analyse the finished runs")
+    p.add_argument("--data-dir", help="folder of IDX files (default: the cache); only with one dataset")
+    p.add_argument("--explain-index", type=int, default=0)
+    p.set_defaults(func=_spectra)
+
+    e = groups["experiment"].add_parser(
+        "tinystories", help="Sec. 4.2.2: all five gates on TinyStories, table, curves, samples",
+        description="Train all five gates under one token budget (plus extra seeds of SQS and SwiGLU), skipping "
+                    "finished runs, then write results/lm/table.md, table.json, curves.png and samples.md.")
+    add_lm_common(e)
+    e.add_argument("--out", default="results/lm", help="report folder (default results/lm)")
+    e.add_argument("--runs-dir", default="runs", help=RUNS_HELP)
+    add_gate(e, "--gates", nargs="+", default=list(GATES), help=f"gates to train (default all: {' '.join(GATES)})")
+    e.add_argument("--extra-seeds", nargs="*", type=int, default=[1],
+                   help="extra seeds for SQS and SwiGLU, to show the seed noise (default: 1; none: --extra-seeds)")
+    e.add_argument("--report-only", action="store_true", help="only regenerate the report from the run dirs")
+    e.add_argument("--no-samples", action="store_true", help="skip samples.md")
+    e.add_argument("--max-new-tokens", type=int, default=160, help="sample length in samples.md")
+    e.add_argument("--throughput-reps", type=int, default=30,
+                   help="after training, time every gate's training step interleaved this many rounds "
+                        "(results/lm/throughput.json; 0 skips it)")
+    e.set_defaults(func=_tinystories)

@@ -1,0 +1,75 @@
+"""`sqs spectra decompose|compare|explain`: the weight-spectra analysis on your own runs."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+
+def _clean_errors(fn):
+    """Report the analysis' refusals (gate, depth, bad index) and missing runs as one line, exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(args):
+        try:
+            lines = fn(args)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"sqs spectra: {e}", file=sys.stderr)
+            return 2
+        print("\n".join(lines))
+        return 0
+    return wrapper
+
+
+def _decompose(args) -> list[str]:
+    from sqs.experiments.spectra import decompose_run
+
+    return decompose_run(args.run_dir, out=args.out, dataset=args.dataset, data_dir=args.data_dir, force=args.force,
+                         with_fidelity=not args.no_fidelity, n=args.n)[1]
+
+
+def _compare(args) -> list[str]:
+    from sqs.experiments.spectra import compare_runs
+
+    return compare_runs(args.run_dir_a, args.run_dir_b, out=args.out, force=args.force)[1]
+
+
+def _explain(args) -> list[str]:
+    from sqs.experiments.spectra import explain_run
+
+    return explain_run(args.run_dir, args.index, out=args.out, dataset=args.dataset, data_dir=args.data_dir,
+                       force=args.force, top=args.top)[1]
+
+
+def register(sub, groups) -> None:
+    g = groups["spectra"]
+    p = g.add_parser("decompose", help="eigendecompose one 1-layer run: figures + JSON",
+                     description="Eigendecompose a 1-layer Bilinear (exact) or SQS (first-order reading) image "
+                                 "classifier; write spectrum/eigenvector figures, spectra.json (with fidelity on the "
+                                 "test set) and spectra.safetensors.")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="output folder (default RUN_DIR/spectra)")
+    p.add_argument("--force", action="store_true",
+                   help="decompose relu/gelu/swiglu gates anyway (not a faithful reading)")
+    p.add_argument("--dataset", help="override the dataset named in the run config")
+    p.add_argument("--data-dir", help="folder of IDX files (default: the cache)")
+    p.add_argument("--no-fidelity", action="store_true", help="skip the test-set fidelity metrics")
+    p.add_argument("--n", type=int, default=2, help="eigenvectors of each sign per class in the grid")
+    p.set_defaults(func=_clean_errors(_decompose))
+
+    p = g.add_parser("compare", help="|cos| per rank between two runs' eigenvectors (pixel space)")
+    p.add_argument("run_dir_a")
+    p.add_argument("run_dir_b")
+    p.add_argument("--out", help="output folder (default results/spectra/compare)")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=_clean_errors(_compare))
+
+    p = g.add_parser("explain", help="explain one test input by eigenvector contributions λ(q·x)²")
+    p.add_argument("run_dir")
+    p.add_argument("--index", type=int, required=True, help="index into the test split")
+    p.add_argument("--top", type=int, default=4)
+    p.add_argument("--out", help="output folder (default RUN_DIR/spectra)")
+    p.add_argument("--dataset")
+    p.add_argument("--data-dir")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=_clean_errors(_explain))

@@ -1,0 +1,151 @@
+"""`sqs train image` and `sqs train lm`: one run into a run directory (resumable)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from sqs.cli._args import add_gate, add_set
+
+
+def image_config(args, gate: str | None = None, dataset: str | None = None, seed: int | None = None):
+    """The image config named by --config with --set and the per-run flags applied."""
+    from sqs.experiments.image import load_config
+
+    ov = list(args.overrides or [])
+    for key, val in (("dataset", dataset), ("model.gate", gate), ("seed", seed), ("epochs", args.epochs),
+                     ("batch_size", getattr(args, "batch_size", None))):
+        if val is not None:
+            ov.append(f"{key}={json.dumps(val)}")
+    return load_config(args.config, ov)
+
+
+def _train_image(args) -> int:
+    import torch
+
+    from sqs.experiments.image import run_image
+
+    cfg = image_config(args, gate=args.gate, dataset=args.dataset, seed=args.seed)
+    if args.print_config:
+        print(cfg.to_toml(), end="")
+        return 0
+    if args.run_dir is None:
+        print("sqs train image: --run-dir is required (unless --print-config)", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    recs = run_image(cfg, args.run_dir, progress=not args.no_progress, data_dir=args.data_dir,
+                     cache_dir=args.cache_dir)
+    final = recs[-1] if recs else {}
+    if final.get("final"):
+        print(f"{cfg.name()}: step {final['step']}, test loss {final['test_loss']:.4f}, "
+              f"test acc {final['test_acc']:.4f} ({time.perf_counter() - t0:.1f} s) -> {args.run_dir}")
+    else:
+        print(f"{cfg.name()}: stopped at step {final.get('step')}; re-run the same command to resume")
+    return 0
+
+
+def add_image_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="sec42",
+                   help="a shipped config (sec41: 1 layer, batch 2048; sec42: 2 layers, batch 512) or a .toml file "
+                        "(default: %(default)s)")
+    p.add_argument("--epochs", type=float, default=None, help="override the config's epochs (default: config, 20)")
+    add_set(p, "--set model.norm=rms --set train.lr=3e-3 --set noise_std=0.5")
+    p.add_argument("--cache-dir", help="cache root holding the datasets (default $SQS_CACHE_DIR or ~/.cache/sqs)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads per process")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+# --------------------------------------------------------------------------- language models
+
+
+def add_lm_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="tinystories-cpu",
+                   help="a shipped LM config (tinystories-cpu, tinystories-paper) or a .toml path "
+                        "(default: tinystories-cpu)")
+    add_set(p, "--set train.lr=3e-4 --set train.batch_size=64 --set train.grad_accum=4")
+    p.add_argument("--epochs", type=float, help="training length in epochs (replaces the config's length)")
+    p.add_argument("--tokens", type=int, help="training length in tokens (replaces the config's length)")
+    p.add_argument("--steps", type=int, help="training length in optimizer steps (replaces the config's length)")
+    p.add_argument("--cache-dir", help="data cache root (default $SQS_CACHE_DIR or ~/.cache/sqs)")
+    p.add_argument("--device", default="auto", help="auto (default: CUDA if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def lm_length(args) -> dict:
+    return {k: getattr(args, k) for k in ("epochs", "tokens", "steps") if getattr(args, k) is not None}
+
+
+def is_rank0() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def finish_dist(initialised: bool) -> None:
+    import torch.distributed as dist
+
+    if initialised and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _train_lm(args) -> int:
+    from sqs.experiments import lm
+    from sqs.experiments.config import run_dir as default_run_dir
+    from sqs.training.trainer import RunConfigMismatch, TrainingDiverged
+
+    cfg = lm.load_config(args.config, args.overrides, gate=args.gate, seed=args.seed, **lm_length(args))
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir("runs", cfg.name, lm.DATASET, cfg.gate, cfg.seed)
+    started = lm.init_distributed(args.device)
+    try:
+        records = lm.run_lm(cfg, run_dir, cache_dir=args.cache_dir, device=args.device,
+                            progress=not args.no_progress)
+    except TrainingDiverged as e:
+        if is_rank0():
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    except RunConfigMismatch as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        finish_dist(started)
+    if is_rank0() and records:
+        last = records[-1]
+        print(json.dumps({"run_dir": str(run_dir), **{k: last.get(k) for k in
+                                                      ("step", "tokens", "val_loss", "val_ppl", "val_bpb")}}))
+    return 0
+
+
+def register(sub, groups) -> None:
+    from sqs.experiments.image import DATASETS
+
+    p = groups["train"].add_parser(
+        "image", help="train one MNIST / Fashion-MNIST classifier (paper Sec. 4)",
+        description="Train one image classifier into a run directory (config.json, metrics.jsonl, checkpoints, "
+                    "model.safetensors). Re-running the same command resumes an interrupted run and does nothing "
+                    "for a finished one. Convention: --run-dir runs/<config>/<dataset>/<gate>-s<seed>.")
+    add_image_common(p)
+    p.add_argument("--dataset", choices=DATASETS, default=None, help="default: the config's (mnist)")
+    add_gate(p, "--gate", default=None, help="GLU gate (default: the config's, sqs)")
+    p.add_argument("--seed", type=int, default=None, help="default: the config's (0)")
+    p.add_argument("--batch-size", type=int, default=None, help="override the config's batch size")
+    p.add_argument("--run-dir", help="the run directory (required)")
+    p.add_argument("--data-dir", help="a folder with the dataset's four IDX files (raw or .gz) instead of the cache")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    p.set_defaults(func=_train_image)
+
+    p = groups["train"].add_parser(
+        "lm", help="train one TinyStories language model (one gate, one seed)",
+        description="Train (or resume) one TinyStories decoder with the chosen GLU gate into a run directory. "
+                    "Under `torchrun --nproc-per-node N -m sqs.cli train lm ...` each process takes its slice "
+                    "of every global batch (same result as one process).")
+    add_lm_common(p)
+    add_gate(p, "--gate", default=None, help="GLU gate (default: the config's, sqs)")
+    p.add_argument("--seed", type=int, default=None, help="seed (default: the config's, 0)")
+    p.add_argument("--run-dir", help="run directory (default runs/<config>/tinystories/<gate>-s<seed>); "
+                                     "re-running the same command resumes it")
+    p.set_defaults(func=_train_lm)

@@ -1,0 +1,218 @@
+"""One config system and one run-directory convention for every experiment.
+
+Configs are TOML files shipped in `sqs/configs/<kind>/` (kind: `image`, `lm`), read by
+name (`sec42`, `tinystories-cpu`) or from any `.toml` path, with nested tables
+(`[model]`, `[train]`, ...). Overrides use one syntax everywhere, dotted keys with TOML
+values, as on the command line:
+
+    d, name = load_config_dict("image", "sec42", ["model.gate=sqs", "train.lr=3e-3"])
+    d, name = load_config_dict("lm", "tinystories-cpu", ["train.epochs=3"])
+
+Each experiment maps the nested dict onto its dataclass (`ImageRunConfig.from_dict`,
+`LMRunConfig.from_toml`). Runs live at
+
+    <runs_root>/<config name>/<dataset>/<gate>-s<seed>     e.g. runs/sec42/mnist/sqs-s0
+
+(`run_dir`). The paper's reference numbers, which every report prints beside ours, are
+one data file, `sqs/configs/reference/paper.toml` (`paper_reference`).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from sqs.core import load_toml
+from sqs.functional import canonical_gate
+
+KINDS = ("image", "lm")
+Overrides = Mapping[str, Any] | Iterable[str] | None
+
+
+class _TOMLText:
+    """TOML text where `sqs.core.load_toml` (the one guarded tomllib / tomli import) expects a file."""
+
+    def __init__(self, text: str, where: str):
+        self.text, self.where = text, where
+
+    def open(self, mode: str = "rb") -> io.BytesIO:
+        return io.BytesIO(self.text.encode("utf-8"))
+
+    def __str__(self) -> str:
+        return self.where
+
+
+def loads_toml(text: str, where: str = "TOML") -> dict:
+    """Parse TOML text; a syntax error names `where` (a ValueError)."""
+    return load_toml(_TOMLText(text, where))
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _folder(kind: str):
+    if kind not in KINDS:
+        raise ValueError(f"unknown config kind {kind!r}; choose one of {', '.join(KINDS)}")
+    return resources.files("sqs") / "configs" / kind
+
+
+def config_names(kind: str) -> list[str]:
+    """The configs shipped with the package for `kind`, by name."""
+    try:
+        return sorted(p.name[:-5] for p in _folder(kind).iterdir()
+                      if p.name.endswith(".toml") and not p.name.startswith("_"))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def config_name(name_or_path: str | Path) -> str:
+    """The name a config's runs are filed under: the shipped name, or the file's stem."""
+    return Path(str(name_or_path)).name.removesuffix(".toml")
+
+
+def config_text(kind: str, name_or_path: str | Path) -> tuple[str, str]:
+    """(TOML text, where it came from) of a shipped config name or a `.toml` path."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".toml" or path.exists():
+        if path.is_file():
+            return path.read_text(encoding="utf-8"), str(path)
+        shipped = _folder(kind) / path.name
+        if str(name_or_path) != path.name or not shipped.is_file():
+            raise FileNotFoundError(f"{kind} config file {path} does not exist")
+        name_or_path = path.stem
+    res = _folder(kind) / f"{name_or_path}.toml"
+    if str(name_or_path).startswith("_") or not res.is_file():
+        raise FileNotFoundError(f"no {kind} config named {str(name_or_path)!r}; shipped configs: "
+                                f"{', '.join(config_names(kind)) or '(none)'}; or give the path of a .toml file")
+    return res.read_text(encoding="utf-8"), f"sqs/configs/{kind}/{name_or_path}.toml"
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value`; dotted keys reach into tables (`model.norm=rms`, `train.lr=3e-3`); the value
+    is read as a TOML value (`0.1`, `true`, `[0.9, 0.99]`, `"x"`), falling back to a bare string."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} is not of the form key=value (e.g. model.gate=sqs or train.lr=3e-3)")
+    key, raw = (s.strip() for s in text.split("=", 1))
+    if not key:
+        raise ValueError(f"override {text!r} has an empty key")
+    try:
+        value = loads_toml(f"v = {raw}")["v"]
+    except ValueError:
+        value = raw
+    return key, value
+
+
+def override_items(overrides: Overrides) -> list[tuple[str, Any]]:
+    """Overrides given as a {dotted key: value} mapping or as `key=value` strings, as pairs."""
+    if not overrides:
+        return []
+    if isinstance(overrides, Mapping):
+        return list(overrides.items())
+    return [parse_override(s) for s in overrides]
+
+
+def apply_overrides(d: dict, overrides: Overrides) -> dict:
+    """A copy of config dict `d` with overrides applied (dotted keys create nested tables)."""
+    d = copy.deepcopy(d)
+    for key, value in override_items(overrides):
+        parts = key.split(".")
+        node = d
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ValueError(f"override {key!r}: {p!r} is not a table")
+            node = nxt
+        node[parts[-1]] = value
+    return d
+
+
+def load_config_dict(kind: str, name_or_path: str | Path, overrides: Overrides = None) -> tuple[dict, str]:
+    """(nested config dict with overrides applied, where it came from)."""
+    text, where = config_text(kind, name_or_path)
+    return apply_overrides(loads_toml(text, where), overrides), where
+
+
+def dumps_toml(d: Mapping[str, Any]) -> str:
+    """A small TOML writer for config dicts (scalars, lists, nested tables)."""
+
+    def val(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int):
+            return str(v)
+        if isinstance(v, float):
+            return repr(v) if math.isfinite(v) else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"))
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        if isinstance(v, Mapping):
+            return "{" + ", ".join(f"{_key(k)} = {val(x)}" for k, x in v.items()) + "}"
+        raise TypeError(f"cannot write {type(v).__name__} as TOML")
+
+    out = [f"{_key(k)} = {val(v)}" for k, v in d.items() if not isinstance(v, Mapping)]
+    for k, v in d.items():  # top-level tables become [sections]; deeper ones inline tables
+        if isinstance(v, Mapping):
+            out.append(f"\n[{_key(k)}]")
+            out.extend(f"{_key(kk)} = {val(vv)}" for kk, vv in v.items())
+    return "\n".join(out) + "\n"
+
+
+def _key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else json.dumps(k)
+
+
+# ----------------------------------------------------------------------------- run directories
+
+
+def run_name(gate: str, seed: int) -> str:
+    """`<gate>-s<seed>` with the gate's paper name (aliases accepted)."""
+    return f"{canonical_gate(gate)}-s{int(seed)}"
+
+
+def run_dir(runs_root: str | Path, config: str | Path, dataset: str, gate: str, seed: int) -> Path:
+    """`<runs_root>/<config name>/<dataset>/<gate>-s<seed>`, the one layout of every experiment."""
+    return Path(runs_root) / config_name(config) / dataset / run_name(gate, seed)
+
+
+_OLD_GATE_NAMES = {"bilinear": ("identity",), "swiglu": ("silu",)}
+
+
+def legacy_run_dirs(runs_root: str | Path, config: str | Path, dataset: str, gate: str, seed: int) -> list[Path]:
+    """Where earlier versions put this run: `<dataset>/<gate>/seed<k>` (table1),
+    `<dataset>/<gate>-seed<k>` (spectra), `<config>/<gate>-s<k>` (lm), each under the
+    runs folder or its `<config>` subfolder, with the old gate names too."""
+    gate = canonical_gate(gate)
+    root, name = Path(runs_root), config_name(config)
+    out = []
+    for g in (gate,) + _OLD_GATE_NAMES.get(gate, ()):
+        for base in (root, root / name):
+            out += [base / dataset / g / f"seed{seed}", base / dataset / f"{g}-seed{seed}"]
+        out.append(root / name / f"{g}-s{seed}")
+        if g != gate:
+            out.append(root / name / dataset / f"{g}-s{seed}")
+    return out
+
+
+def check_no_legacy(runs_root: str | Path, config: str | Path, dataset: str, gate: str, seed: int) -> None:
+    """Refuse to start a run from scratch when the same run exists in an old layout: say how to move it."""
+    new = run_dir(runs_root, config, dataset, gate, seed)
+    if (new / "config.json").exists():
+        return
+    for old in legacy_run_dirs(runs_root, config, dataset, gate, seed):
+        if (old / "config.json").exists():
+            raise FileExistsError(f"{old} is this run in the old layout; move it to the new one with "
+                                  f"`mkdir -p {new.parent} && mv {old} {new}`, then re-run")
+
+
+# ----------------------------------------------------------------------------- the paper's numbers
+
+
+def paper_reference() -> dict:
+    """The paper's reference numbers (`sqs/configs/reference/paper.toml`): `table1`, `lm`, `fig2`, `appc`."""
+    return load_toml(resources.files("sqs") / "configs" / "reference" / "paper.toml")

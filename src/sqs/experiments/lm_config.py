@@ -1,0 +1,182 @@
+"""The TinyStories run config: one flat dataclass, read from nested TOML sections.
+
+    cfg = load_config("tinystories-cpu", ["train.lr=3e-4"], gate="swiglu")
+
+Where each key sits in a TOML file is `SECTIONS`; overrides use the same dotted names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import asdict, dataclass, field
+
+from sqs.experiments import config as _config
+from sqs.experiments.config import config_name
+from sqs.functional import canonical_gate
+from sqs.models.gpt import GPTConfig
+
+#: Where each LMRunConfig field sits in a TOML config (top-level fields: name, gate, gate_kwargs, seed).
+SECTIONS = {
+    "model": ("n_layers", "d_model", "n_heads", "d_hidden", "context", "tie_embeddings"),
+    "data": ("vocab_size",),
+    "train": ("batch_size", "grad_accum", "epochs", "tokens", "steps", "lr", "weight_decay", "betas",
+              "warmup_steps", "warmup_frac", "min_lr", "grad_clip", "amp", "compile", "checkpoint_every"),
+    "eval": ("eval_every", "eval_points", "eval_windows", "eval_batch", "eval_seed"),
+}
+_SECTION_OF = {k: sec for sec, keys in SECTIONS.items() for k in keys}
+
+
+@dataclass
+class LMRunConfig:
+    """Everything that defines a run: one flat dataclass (a run's config.json stores it flat).
+    TOML files put each key in its section of `SECTIONS` ([model], [data], [train], [eval];
+    name, gate, gate_kwargs and seed at the top): `from_toml` maps them, and overrides name
+    them the same way (`train.lr=3e-4`, `model.d_hidden=256`, `gate=swiglu`)."""
+
+    name: str = "custom"
+    gate: str = "sqs"
+    gate_kwargs: dict = field(default_factory=dict)
+    seed: int = 0
+    # data
+    vocab_size: int = 4096
+    # model (see sqs.models.gpt for the choices the paper leaves open)
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    d_hidden: int = 128
+    context: int = 256
+    tie_embeddings: bool = True
+    # optimisation: exactly one of epochs / tokens / steps sets the length
+    batch_size: int = 512  # sequences per optimizer step, global (all ranks, all micro-steps)
+    grad_accum: int = 1  # micro-steps per optimizer step
+    epochs: float | None = None
+    tokens: int | None = None
+    steps: int | None = None
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0  # if 0, warmup_frac * steps
+    warmup_frac: float = 0.0
+    min_lr: float = 0.0  # cosine annealing to this value (PyTorch's eta_min default: 0)
+    grad_clip: float = 0.0  # 0 = off
+    amp: str = "none"  # "bf16": bfloat16 autocast on CUDA (ignored on CPU)
+    compile: bool = False  # torch.compile the model in place (nn.Module.compile); same math, faster
+    # evaluation
+    eval_every: int = 0  # if 0, about steps / eval_points
+    eval_points: int = 20
+    eval_windows: int = 256
+    eval_batch: int = 64
+    eval_seed: int = 1234
+    checkpoint_every: int = 0  # 0 = at every evaluation
+
+    def __post_init__(self):
+        self.gate = canonical_gate(self.gate)
+        self.gate_kwargs = dict(self.gate_kwargs or {})
+        self.betas = tuple(float(b) for b in self.betas)
+        n_len = sum(x is not None for x in (self.epochs, self.tokens, self.steps))
+        if n_len != 1:
+            raise ValueError("LMRunConfig: set exactly one of `epochs`, `tokens`, `steps` "
+                             f"(got epochs={self.epochs}, tokens={self.tokens}, steps={self.steps})")
+        for name in ("batch_size", "grad_accum", "context", "eval_windows", "eval_batch", "eval_points"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"LMRunConfig: `{name}` must be > 0, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"LMRunConfig: `batch_size` ({self.batch_size}) must be divisible by "
+                             f"`grad_accum` ({self.grad_accum})")
+        if self.amp not in ("none", "bf16"):
+            raise ValueError(f"LMRunConfig: `amp` must be 'none' or 'bf16', got {self.amp!r}")
+        GPTConfig(**self.model_kwargs(self.vocab_size))  # validate the model part now
+
+    def model_kwargs(self, vocab_size: int) -> dict:
+        return dict(vocab_size=int(vocab_size), n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads,
+                    d_hidden=self.d_hidden, gate=self.gate, gate_kwargs=dict(self.gate_kwargs),
+                    context=self.context, tie_embeddings=self.tie_embeddings)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.context
+
+    @property
+    def micro_batch(self) -> int:
+        """Sequences per micro-step, all ranks together."""
+        return self.batch_size // self.grad_accum
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_toml(cls, d: dict, where: str = "LM config") -> "LMRunConfig":
+        """From a nested TOML dict (sections as in `SECTIONS`; a `description` is ignored)."""
+        return cls.from_dict(_flatten(d, where))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LMRunConfig":
+        """From flat keys (a run's config.json)."""
+        flat = dict(d)
+        flat.pop("description", None)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(flat) - known)
+        if unknown:
+            raise ValueError(f"LMRunConfig: unknown key(s) {unknown}; valid keys: {sorted(known)}")
+        return cls(**flat)
+
+    def replace(self, **changes) -> "LMRunConfig":
+        d = self.to_dict()
+        length = {"epochs", "tokens", "steps"} & set(k for k, v in changes.items() if v is not None)
+        if length:  # a new length replaces the old one instead of conflicting with it
+            for k in ("epochs", "tokens", "steps"):
+                d[k] = None
+        d.update(changes)
+        return LMRunConfig.from_dict(d)
+
+
+def _field_of(key: str, where: str = "LM config") -> str:
+    """The LMRunConfig field a dotted TOML key names (`train.lr` -> `lr`), checking its section."""
+    parts = key.split(".")
+    name, section = parts[-1], ".".join(parts[:-1])
+    known = {f.name for f in dataclasses.fields(LMRunConfig)}
+    if name not in known and key != "description":
+        raise ValueError(f"{where}: unknown key {key!r}; valid keys: "
+                         + ", ".join(sorted(f"{_SECTION_OF[k]}.{k}" if k in _SECTION_OF else k for k in known)))
+    want = _SECTION_OF.get(name, "")
+    if section != want:
+        fix = f"{want}.{name}" if want else name
+        raise ValueError(f"{where}: key {key!r} belongs {'in [' + want + ']' if want else 'at the top level'}; "
+                         f"write it as {fix}")
+    return name
+
+
+def _flatten(d: dict, where: str = "LM config", prefix: str = "") -> dict:
+    """Nested TOML tables -> flat LMRunConfig keys, each checked against its section."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k != "gate_kwargs":
+            out.update(_flatten(v, where, key + "."))
+        elif key != "description":
+            out[_field_of(key, where)] = v
+    return out
+
+
+def config_names() -> list[str]:
+    """The LM configs shipped with the package (`sqs/configs/lm/*.toml`), by name."""
+    return _config.config_names("lm")
+
+
+def load_config(name_or_path: str | os.PathLike = "tinystories-cpu", overrides: _config.Overrides = None,
+                **changes) -> LMRunConfig:
+    """Read a shipped config by name or a TOML file, then apply `overrides` (dotted keys with
+    TOML values, `train.lr=3e-4`, as strings or a dict) and `changes` (flat fields, None
+    ignored). A new training length (epochs / tokens / steps) replaces the config's."""
+    d, where = _config.load_config_dict("lm", name_or_path)
+    d.setdefault("name", config_name(name_or_path))
+    try:
+        cfg = LMRunConfig.from_toml(d, where)
+    except TypeError as e:
+        raise ValueError(f"{where}: {e}") from e
+    upd = {_field_of(k, "override"): v for k, v in _config.override_items(overrides)}
+    upd.update({k: v for k, v in changes.items() if v is not None})
+    return cfg.replace(**upd) if upd else cfg

@@ -1,0 +1,310 @@
+"""The Sec. 4.1 / App. B experiment: 1-layer Bilinear and SQS classifiers, decomposed and compared.
+
+    run_experiment("runs", "results/spectra", seeds=5)   # runs/sec41/<dataset>/<gate>-s<seed>
+
+trains (or reuses finished) 1-layer Bilinear and SQS models per seed and dataset with
+the image pipeline's `sec41` config, decomposes them (`sqs.interp`) and writes
+results/spectra/{summary.md, summary.json, <dataset>/*.png}. This module also holds the
+run-directory side of the analysis: `load_run` and `analyse_run` turn a run directory
+into a model, its decomposition and its fidelity on the test set.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sqs.experiments import image as pipeline
+from sqs.experiments import spectra_report as report
+from sqs.experiments.config import check_no_legacy, run_dir
+from sqs.experiments.spectra_report import GATES, fig2_reference, reference_lines
+from sqs.interp.spectra import (
+    DEFAULT_KS,
+    Decomposition,
+    cosine_best_match,
+    contributions,
+    cosine_per_rank,
+    decompose,
+    fidelity,
+    model_logits,
+    pair_cosines,
+)
+from sqs.interp import plots
+from sqs.io import atomic_write, write_json, write_text
+from sqs.training.trainer import is_complete
+
+CONFIG = "sec41"
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def train_one(dataset: str, gate: str, seed: int, epochs: int, run_dir: str | Path, data_dir: str | None = None,
+              cache_dir: str | None = None):
+    """Train one Sec. 4.1 run (1 GLU layer) with the image pipeline. The only training call here.
+
+    `run_image` resumes an interrupted run and returns at once for a finished one; its
+    model init is seeded by `seed` alone, so the Bilinear and SQS runs of one seed start
+    from identical weights and see identical batches and noise.
+    """
+    cfg = pipeline.load_config(CONFIG, overrides={"dataset": dataset, "model.gate": gate, "seed": seed,
+                                                  "epochs": epochs})
+    return pipeline.run_image(cfg, run_dir, data_dir=data_dir, cache_dir=cache_dir)
+
+
+def is_finished(run_dir: str | Path) -> bool:
+    return is_complete(run_dir)
+
+
+def load_run(run_dir: str | Path):
+    """(model in eval mode, config dict) of a finished image run."""
+    model, cfg = pipeline.load_image_model(run_dir)
+    model.eval()
+    return model, cfg
+
+
+def dataset_of(config) -> str | None:
+    """The dataset name stored in a run config (looks for a `dataset` key at any depth)."""
+    if isinstance(config, dict):
+        for key in ("dataset", "dataset_name"):
+            if isinstance(config.get(key), str):
+                return config[key]
+        for v in config.values():
+            found = dataset_of(v)
+            if found:
+                return found
+    elif hasattr(config, "__dict__"):
+        return dataset_of(vars(config))
+    return None
+
+
+def load_test(dataset: str, data_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    from sqs.data import images
+
+    return images.load(dataset, "test", data_dir=data_dir)
+
+
+@dataclass
+class RunAnalysis:
+    run_dir: Path
+    model: torch.nn.Module
+    config: dict
+    dec: Decomposition
+    dataset: str | None
+    fidelity: dict | None
+    fidelity_error: str | None = None
+
+    @property
+    def title(self) -> str:
+        return self.dec.label
+
+
+def analyse_run(run_dir: str | Path, dataset: str | None = None, data_dir: str | None = None, force: bool = False,
+                with_fidelity: bool = True, test: tuple | None = None, ks=DEFAULT_KS) -> RunAnalysis:
+    """Load, decompose and (if the test set is available) measure fidelity of one run."""
+    model, cfg = load_run(run_dir)
+    dec = decompose(model, force=force)
+    dataset = dataset or dataset_of(cfg)
+    fid, err = None, None
+    if with_fidelity:
+        try:
+            if test is None:
+                if dataset is None:
+                    raise ValueError("the run config names no dataset; pass one")
+                test = load_test(dataset, data_dir)
+            fid = fidelity(model, dec, test[0], test[1], ks=ks)
+        except Exception as e:  # the figures are still useful without the numbers
+            err = f"{type(e).__name__}: {e}"
+    return RunAnalysis(Path(run_dir), model, cfg, dec, dataset, fid, err)
+
+
+# --------------------------------------------------------------------------- the experiment
+
+
+def cosine_summary(cos: torch.Tensor, best: torch.Tensor | None = None, cos_min: float = 0.5) -> dict:
+    """(n_pairs, C, r) -> per-rank mean/std over (pair, class) and headline numbers.
+
+    `best` (same shape): best-match |cos| (`cosine_best_match`), summarised per rank too.
+    `cos_min`: the paper's floor (Fig. 2), for the first rank whose mean falls below it.
+    """
+    flat = cos.reshape(-1, cos.shape[-1])
+    mean, std = flat.mean(0), flat.std(0, unbiased=False)
+    below = (mean < cos_min).nonzero()
+    extra = {}
+    if best is not None:
+        bm = best.reshape(-1, best.shape[-1]).mean(0)
+        extra = {"best_match_mean": bm.tolist(), "best_match_top5": bm[:5].tolist(),
+                 "best_match_min_top10": float(bm[:10].min())}
+    return {"n_pairs": int(cos.shape[0]), "mean": mean.tolist(), "std": std.tolist(), **extra,
+            "top5": mean[:5].tolist(), "top5_std": std[:5].tolist(),
+            "min_top10": float(mean[:10].min()), "min_top20": float(mean[:20].min()), "min_all": float(mean.min()),
+            "first_rank_below_0.5": int(below[0]) + 1 if len(below) else None,
+            "frac_entries_below_0.5_top10": float((cos[..., :10] < cos_min).double().mean())}
+
+
+def pairings(bil: dict[int, Decomposition], sq: dict[int, Decomposition], measure) -> dict[str, torch.Tensor]:
+    """`measure` stacked over each pairing of seeds ({seed: decomposition} per gate)."""
+    out = {}
+    for key, args in (("sqs_vs_bilinear_same_seed", (sq, bil, True)), ("sqs_vs_bilinear_cross_seed", (sq, bil, False)),
+                      ("bilinear_vs_bilinear", (bil, None)), ("sqs_vs_sqs", (sq, None))):
+        try:
+            out[key] = pair_cosines(*args, measure=measure)
+        except ValueError:  # no pair of this kind (e.g. one seed)
+            continue
+    return out
+
+
+def run_experiment(runs_dir="runs", out="results/spectra", seeds: int = 5, datasets=("mnist", "fashion-mnist"),
+                   epochs: int = 20, report_only: bool = False, data_dir: str | None = None,
+                   explain_index: int = 0) -> dict:
+    """Train what is missing (unless report_only), decompose everything, write summary.md/json + figures.
+
+    Runs live at `runs_dir/sec41/<dataset>/<gate>-s<seed>`.
+    """
+    out = Path(out)
+    fig2 = fig2_reference()
+    summary = {"runs_dir": str(Path(runs_dir) / CONFIG), "seeds": seeds, "epochs": epochs, "space": "pixel",
+               "paper": {"cos_min": fig2["cos_min"], "cos_top": fig2["cos_top"]}, "datasets": {}, "missing": []}
+    figures: dict[str, list[tuple[str, str]]] = {}
+    for ds in datasets:
+        # 1. train (one call per missing run)
+        runs: dict[str, dict[int, Path]] = {g: {} for g in GATES}
+        for gate in GATES:
+            for seed in range(seeds):
+                rd = run_dir(runs_dir, CONFIG, ds, gate, seed)
+                if not is_finished(rd):
+                    if report_only:
+                        summary["missing"].append(str(rd))
+                        continue
+                    check_no_legacy(runs_dir, CONFIG, ds, gate, seed)
+                    _say(f"[spectra] training {ds} {gate} seed {seed} -> {rd}")
+                    train_one(ds, gate, seed, epochs, rd, data_dir=data_dir)
+                runs[gate][seed] = rd
+        if not any(runs.values()):
+            _say(f"[spectra] {ds}: no finished runs, skipped")
+            continue
+        # 2. analyse
+        test = load_test(ds, data_dir)
+        an = {g: {s: analyse_run(rd, dataset=ds, test=test) for s, rd in sorted(runs[g].items())} for g in GATES}
+        decs = {g: {s: a.dec for s, a in an[g].items()} for g in GATES}
+        cos = pairings(decs["bilinear"], decs["sqs"], measure=cosine_per_rank)
+        best = pairings(decs["bilinear"], decs["sqs"], measure=cosine_best_match)
+        figures[ds] = report.spectra_figures(an, cos, ds, out, explain_index, test, reference_lines())
+        summary["datasets"][ds] = {
+            "runs": {g: {str(s): str(rd) for s, rd in runs[g].items()} for g in GATES},
+            "cosine": {k: cosine_summary(v, best[k], fig2["cos_min"]) for k, v in cos.items()},
+            "fidelity": {g: {str(s): a.fidelity for s, a in an[g].items()} for g in GATES},
+            "spectrum_top5_share": {g: [float((a.dec.eigenvalues[:, :5].abs().sum(-1)
+                                               / a.dec.eigenvalues.abs().sum(-1)).mean()) for a in an[g].values()]
+                                    for g in GATES},
+            "readings": {g: next(iter(an[g].values())).dec.reading for g in GATES if an[g]},
+        }
+    write_json(out / "summary.json", summary)
+    write_text(out / "summary.md", report.summary_markdown(summary, figures))
+    _say(f"[spectra] wrote {out}/summary.md, summary.json and figures")
+    return summary
+
+
+
+# --------------------------------------------------------------------------- single runs (`sqs spectra ...`)
+
+
+def save_decomposition(dec: Decomposition, path: Path) -> Path:
+    """The decomposition's tensors as safetensors, with the reading and layout in the metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {"eigenvalues": dec.eigenvalues, "eigenvectors": dec.eigenvectors, "pixel_raw": dec.pixel_raw,
+               "pixel": dec.pixel, "B": dec.B}
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    meta = {"gate": dec.gate, "reading": dec.reading, "exact": str(dec.exact),
+            "layout": "eigenvalues (C,d) sorted by |lambda| desc; eigenvectors (C,d,d) rows q_k in embedding space; "
+                      "pixel_raw = E^T q; pixel = unit-normalised pixel_raw"}
+    return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+
+
+def decompose_run(run_dir: str | Path, out: str | Path | None = None, dataset: str | None = None,
+                  data_dir: str | None = None, force: bool = False, with_fidelity: bool = True,
+                  n: int = 2) -> tuple[dict, list[str]]:
+    """Decompose one 1-layer run; write spectra.json, spectrum/eigenvector figures and
+    spectra.safetensors to `out` (default RUN_DIR/spectra). Returns (result, lines to print)."""
+    a = analyse_run(run_dir, dataset=dataset, data_dir=data_dir, force=force, with_fidelity=with_fidelity)
+    out = Path(out) if out else Path(run_dir) / "spectra"
+    out.mkdir(parents=True, exist_ok=True)
+    plots.save(plots.plot_spectrum(a.dec, dataset=a.dataset), out / "spectrum.png")
+    plots.save(plots.plot_eigenvector_grid(a.dec, n=n, dataset=a.dataset), out / "eigenvectors.png")
+    if a.fidelity:
+        plots.save(plots.plot_truncation({a.title: a.fidelity}), out / "truncation.png")
+    save_decomposition(a.dec, out / "spectra.safetensors")
+    result = {"run_dir": str(a.run_dir), "dataset": a.dataset, "decomposition": a.dec.to_dict(),
+              "fidelity": a.fidelity, "fidelity_error": a.fidelity_error}
+    write_json(out / "spectra.json", result)
+    lines = [f"{a.title}: {a.dec.reading}"]
+    if a.fidelity:
+        f = a.fidelity
+        lines.append(f"  model acc {f['model_acc']:.4f}  surrogate acc {f['surrogate_acc']:.4f}  agreement "
+                     f"{f['agreement']:.4f}  logit R² {f['logit_r2']:.4f} (scaled {f['logit_r2_scaled']:.4f})")
+        lines.append("  top-k surrogate acc: " + ", ".join(f"k={k}: {v['acc']:.4f}" for k, v in f["truncated"].items()))
+    elif a.fidelity_error:
+        lines.append(f"  fidelity not measured: {a.fidelity_error}")
+    lines.append(f"wrote {out}/spectra.json, spectrum.png, eigenvectors.png, spectra.safetensors")
+    return result, lines
+
+
+def compare_runs(run_dir_a: str | Path, run_dir_b: str | Path, out: str | Path | None = None,
+                 force: bool = False) -> tuple[dict, list[str]]:
+    """|cos| per rank between two runs' eigenvectors (pixel space); compare.json and figures in `out`
+    (default results/spectra/compare). Returns (result, lines to print)."""
+    a = analyse_run(run_dir_a, force=force, with_fidelity=False)
+    b = analyse_run(run_dir_b, force=force, with_fidelity=False)
+    cos = cosine_per_rank(a.dec, b.dec)  # (C, r), pixel space
+    out = Path(out) if out else Path("results") / "spectra" / "compare"
+    out.mkdir(parents=True, exist_ok=True)
+    label = f"{b.title} vs {a.title}"
+    plots.save(plots.plot_cosine_per_rank({label: cos[None]}, reference=reference_lines()), out / "cosine_per_rank.png")
+    plots.save(plots.plot_comparison_grid({a.title: a.dec, b.title: b.dec}, classes=range(min(5, a.dec.n_classes)),
+                                          dataset=a.dataset), out / "eigenvectors_side_by_side.png")
+    m = cos.mean(0)
+    res = {"a": str(a.run_dir), "b": str(b.run_dir), "reading_a": a.dec.reading, "reading_b": b.dec.reading,
+           "space": "pixel", "mean_over_classes": m.tolist(), "per_class": cos.tolist(),
+           "top5": m[:5].tolist(), "min_top10": float(m[:10].min()), "min_all": float(m.min())}
+    write_json(out / "compare.json", res)
+    lines = [f"{label}: |cos| per rank (pixel space, mean over classes)",
+             "  ranks 1-5: " + "  ".join(f"{float(v):.3f}" for v in m[:5]),
+             f"  min over top-10 ranks {res['min_top10']:.3f}; min over all {len(m)} ranks {res['min_all']:.3f}",
+             f"wrote {out}/compare.json, cosine_per_rank.png, eigenvectors_side_by_side.png"]
+    return res, lines
+
+
+def explain_run(run_dir: str | Path, index: int, out: str | Path | None = None, dataset: str | None = None,
+                data_dir: str | None = None, force: bool = False, top: int = 4) -> tuple[Path, list[str]]:
+    """Explain test image `index` by eigenvector contributions λ(q·x)²; the figure goes to `out`
+    (default RUN_DIR/spectra). Returns (figure path, lines to print)."""
+    a = analyse_run(run_dir, dataset=dataset, force=force, with_fidelity=False)
+    if a.dataset is None:
+        raise ValueError("explain: the run config names no dataset; pass --dataset")
+    images, labels = load_test(a.dataset, data_dir)
+    if not 0 <= index < images.shape[0]:
+        raise ValueError(f"explain: --index must be in [0, {images.shape[0]}), got {index}")
+    img, label = images[index], int(labels[index])
+    z = model_logits(a.model, img[None])[0]
+    contrib = contributions(a.dec, img)
+    pred = int(z.argmax())
+    out = Path(out) if out else Path(run_dir) / "spectra"
+    path = plots.save(plots.plot_explanation(a.dec, img, z, label=label, dataset=a.dataset, top=top),
+                      out / f"explanation_{index}.png")
+    names = plots.class_names(a.dataset, a.dec.n_classes)
+    lines = [f"{a.title}; test image {index}: label {names[label]}, predicted {names[pred]}",
+             "  logits model:     " + " ".join(f"{float(v):+.3f}" for v in z),
+             "  logits surrogate: " + " ".join(f"{float(v):+.3f}" for v in contrib.sum(-1))]
+    for i in contrib[pred].abs().argsort(descending=True)[:top].tolist():
+        lines.append(f"  eigenvector {i + 1:3d}: λ={float(a.dec.eigenvalues[pred, i]):+.4f}  "
+                     f"λ(q·x)²={float(contrib[pred, i]):+.4f}")
+    lines.append(f"wrote {path}")
+    return path, lines
