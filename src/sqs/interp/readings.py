@@ -74,7 +74,8 @@ def _triu(d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ridge penalises the Frobenius distance to the prior.
     """
     j, k = torch.triu_indices(d, d)
-    s = torch.where(j == k, 1.0, 2.0**0.5).to(torch.float64)
+    s = torch.full(j.shape, 2.0, dtype=torch.float64).sqrt()
+    s[j == k] = 1.0
     return j, k, s
 
 
