@@ -155,6 +155,7 @@ def test_gain_and_fit_readings_beat_first_order_in_the_shrink_regime():
     assert decs["fit"].reading == FIT_READING and decs["fit"].label == "SQS (least-squares reading)"
     assert decs["first-order"].label == "SQS (first-order reading)"
     assert json.loads(json.dumps(decs["fit"].to_dict()))["method"] == "fit"
+    assert "method" not in decs["first-order"].to_dict()  # the default output is unchanged
     json.dumps({r: f for r, f in fid.items()})
 
 

@@ -135,7 +135,7 @@ class Decomposition:
         share = absl / absl.sum(-1, keepdim=True)
         return {
             "gate": self.gate, "gate_kwargs": self.gate_kwargs, "exact": self.exact, "reading": self.reading,
-            "method": self.method,
+            **({} if self.method == "first-order" else {"method": self.method}),
             "n_classes": self.n_classes, "rank": self.rank,
             "eigenvalues_top": self.eigenvalues[:, :top].tolist(),
             "abs_share_top": share[:, :top].tolist(),
