@@ -22,7 +22,11 @@ unless E has orthonormal rows; eigenvalues are those of B_a in embedding space.
 
 For SQS the gate is sqs(v) ~ v for c << |v| << 1/lam, so (1) read with the gate
 treated as identity is a *first-order* reading, not an identity: `fidelity`
-measures how much of the model it reproduces. ReLU/GELU/SiLU gates have no such
+measures how much of the model it reproduces. `decompose(model, reading=...)` also
+offers readings that account for the shrink and stay one quadratic form per class
+("gain": per-unit gains; "fit": least squares to the model's logits), both fitted on
+training images (`sqs.interp.readings`); `rank_readings` picks the most faithful one
+on held-out images. ReLU/GELU/SiLU gates have no such
 reading (relu(v) is not ~ v anywhere useful), so `decompose` refuses them unless
 `force=True`. Models with more than one layer are not quadratic forms and are
 refused outright.
@@ -39,10 +43,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sqs.functional import DEFAULT_C, DEFAULT_LAM, canonical_gate
+from sqs.functional import DEFAULT_C, DEFAULT_LAM, canonical_gate, gate_fn
+from sqs.interp.readings import DEFAULT_RIDGE, READINGS, check_reading, fit_quadratic_forms, unit_gains
 
 EXACT_READING = "exact (bilinear)"
 FIRST_ORDER_READING = "first-order (gate treated as identity)"
+GAIN_READING = "gain (gate treated as a per-unit gain fitted on training images)"
+FIT_READING = "least-squares (quadratic form fitted to the model's logits on training images)"
+#: Reading name -> (label of `Decomposition.reading` for a non-exact gate, short name for titles).
+READING_LABELS = {"first-order": (FIRST_ORDER_READING, "first-order reading"),
+                  "gain": (GAIN_READING, "gain reading"),
+                  "fit": (FIT_READING, "least-squares reading")}
 UNSUPPORTED_GATES = ("relu", "gelu", "swiglu")
 DEFAULT_KS = (1, 2, 5, 10, None)  # None = all eigenvectors
 
@@ -97,6 +108,7 @@ class Decomposition:
     exact: bool
     reading: str
     gate_kwargs: dict = field(default_factory=dict)
+    method: str = "first-order"  # the reading's name, one of sqs.interp.readings.READINGS
 
     @property
     def n_classes(self) -> int:
@@ -110,7 +122,7 @@ class Decomposition:
     def label(self) -> str:
         """Short name for titles: e.g. "Bilinear (exact)" or "SQS (first-order reading)"."""
         name = {"bilinear": "Bilinear", "sqs": "SQS"}.get(self.gate, self.gate.upper())
-        return f"{name} ({'exact' if self.exact else 'first-order reading'})"
+        return f"{name} ({'exact' if self.exact else READING_LABELS[self.method][1]})"
 
     def embed_images(self, img: torch.Tensor) -> torch.Tensor:
         """Images (N, n_pixels) or (n_pixels,) -> embedded x = E img in float64."""
@@ -123,6 +135,7 @@ class Decomposition:
         share = absl / absl.sum(-1, keepdim=True)
         return {
             "gate": self.gate, "gate_kwargs": self.gate_kwargs, "exact": self.exact, "reading": self.reading,
+            **({} if self.method == "first-order" else {"method": self.method}),
             "n_classes": self.n_classes, "rank": self.rank,
             "eigenvalues_top": self.eigenvalues[:, :top].tolist(),
             "abs_share_top": share[:, :top].tolist(),
@@ -172,17 +185,62 @@ def gate_reading(gate: str, gate_kwargs: dict | None = None, force: bool = False
 
 
 @torch.no_grad()
-def decompose(model, force: bool = False) -> Decomposition:
-    """Eigendecompose a 1-layer GLU classifier's per-class interaction matrices."""
+def reading_matrices(model, reading: str = "first-order", fit_images: torch.Tensor | None = None,
+                     ridge: float = DEFAULT_RIDGE, fit_prior: str = "gain", chunk_size: int = 2048) -> torch.Tensor:
+    """The symmetric B (C, d, d) of a reading (see `sqs.interp.readings`), float64.
+
+    "first-order": the gate as identity; "gain": per-unit gains g_i fitted on `fit_images`,
+    B_a = sym sum_i (HP)_ai g_i w_i v_i^T; "fit": least squares to the model's logits on
+    `fit_images`, ridge toward the `fit_prior` reading ("gain", "first-order" or "none").
+    `fit_images` are training images (N, n_pixels); never pass the images you evaluate on.
+    """
+    check_reading(reading)
     layer = _glu_layer(model)
-    exact, reading = gate_reading(layer.gate, getattr(layer, "gate_kwargs", {}), force=force)
     f64 = torch.float64
     W, V, P = layer.W.to(f64).cpu(), layer.V.to(f64).cpu(), layer.P.to(f64).cpu()
     H = model.head.weight.detach().to(f64).cpu()
     E = model.embed.weight.detach().to(f64).cpu()
-
     P_eff = H @ P  # (C, h)
-    B = interaction_matrices(W, V, P_eff)  # (C, d, d)
+    B_first = interaction_matrices(W, V, P_eff)
+    if reading == "first-order":
+        return B_first
+    if fit_images is None:
+        raise ValueError(f"decompose: the {reading!r} reading is fitted on training images; pass "
+                         "fit_images=<training images (N, n_pixels)> (never the test images)")
+    if fit_prior not in ("gain", "first-order", "none"):
+        raise ValueError(f"decompose: fit_prior must be 'gain', 'first-order' or 'none', got {fit_prior!r}")
+    img = torch.as_tensor(fit_images).cpu()
+    x = img.to(f64).reshape(-1, E.shape[1]) @ E.T  # embedded training inputs (N, d)
+    pre = x @ V.T
+    gains = unit_gains(pre, gate_fn(layer.gate, **getattr(layer, "gate_kwargs", {}))(pre))
+    B_gain = interaction_matrices(W, V, P_eff * gains)
+    if reading == "gain":
+        return B_gain
+    prior = {"gain": B_gain, "first-order": B_first, "none": None}[fit_prior]
+    z = model_logits(model, img.reshape(x.shape[0], -1))
+    return fit_quadratic_forms(x, z, prior=prior, ridge=ridge, chunk_size=chunk_size)
+
+
+@torch.no_grad()
+def decompose(model, force: bool = False, reading: str = "first-order", fit_images: torch.Tensor | None = None,
+              ridge: float = DEFAULT_RIDGE, fit_prior: str = "gain", chunk_size: int = 2048) -> Decomposition:
+    """Eigendecompose a 1-layer GLU classifier's per-class interaction matrices.
+
+    `reading` picks B_a (see `reading_matrices`); the default is the paper's first-order
+    reading. "gain" and "fit" need `fit_images` (training images only; first-order ignores
+    them). For an exactly quadratic model (bilinear gate, sqs with c = lam = 0) every
+    reading gives the exact decomposition (to float tolerance), labelled exact.
+    """
+    check_reading(reading)
+    layer = _glu_layer(model)
+    exact, label = gate_reading(layer.gate, getattr(layer, "gate_kwargs", {}), force=force)
+    gate = canonical_gate(layer.gate)
+    if not exact and reading != "first-order":  # exact models: every reading is the exact one
+        label = (f"forced ({gate} gate, {reading} reading; not a faithful reading)" if gate in UNSUPPORTED_GATES
+                 else READING_LABELS[reading][0])
+    f64 = torch.float64
+    E = model.embed.weight.detach().to(f64).cpu()
+    B = reading_matrices(model, reading, fit_images, ridge=ridge, fit_prior=fit_prior, chunk_size=chunk_size)
     lam, Q = eig_sorted(B)  # (C, d), (C, d, d)
     U = torch.einsum("akd,dp->akp", Q, E)  # pixel space: u_ak = E^T q_ak
 
@@ -193,8 +251,8 @@ def decompose(model, force: bool = False) -> Decomposition:
     Q, U = Q * sign, U * sign
     U_unit = U / U.norm(dim=-1, keepdim=True).clamp_min(1e-300)
     return Decomposition(eigenvalues=lam, eigenvectors=Q, pixel_raw=U, pixel=U_unit, embed=E, B=B,
-                         gate=canonical_gate(layer.gate), exact=exact, reading=reading,
-                         gate_kwargs=dict(getattr(layer, "gate_kwargs", {})))
+                         gate=gate, exact=exact, reading=label,
+                         gate_kwargs=dict(getattr(layer, "gate_kwargs", {})), method=reading)
 
 
 # --------------------------------------------------------------------------- reading inputs
@@ -348,3 +406,44 @@ def pair_cosines(decs_a: list[Decomposition] | dict, decs_b: list[Decomposition]
     if not pairs:
         raise ValueError("pair_cosines: no pairs to compare (need at least two models)")
     return torch.stack([measure(x, y) for x, y in pairs])
+
+
+# --------------------------------------------------------------------------- choosing a reading
+
+
+def _shared_row_fraction(fit_images: torch.Tensor, images: torch.Tensor) -> float:
+    """Share of the rows of `images` that also occur (bit for bit) in `fit_images`."""
+    def rows(t):
+        a = torch.as_tensor(t).detach().cpu().to(torch.float32).reshape(t.shape[0], -1).contiguous().numpy()
+        return [r.tobytes() for r in a]
+
+    seen = set(rows(fit_images))
+    ev = rows(images)
+    return sum(r in seen for r in ev) / max(len(ev), 1)
+
+
+@torch.no_grad()
+def rank_readings(model, fit_images: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
+                  readings=READINGS, key: str = "logit_r2", force: bool = False, **fit_kwargs) -> dict:
+    """Fit each reading on `fit_images` (training), measure `fidelity` on held-out (images, labels).
+
+    Returns {"best": name, "key": key, "order": names best first, "fidelity": {name: dict},
+    "decompositions": {name: Decomposition}}. Readings are ranked by `fidelity[key]`
+    ("logit_r2" by default: how much of the model's logits the reading reproduces); on a tie
+    (within 1e-9) the simpler reading, earlier in `readings`, wins. Refuses held-out images
+    that are mostly the fit images: fidelity must be measured on data the fit never saw.
+    """
+    readings = tuple(check_reading(r) for r in readings)
+    if not readings:
+        raise ValueError("rank_readings: no readings to rank")
+    if key not in ("logit_r2", "logit_r2_scaled", "agreement", "surrogate_acc"):
+        raise ValueError(f"rank_readings: key must be logit_r2, logit_r2_scaled, agreement or surrogate_acc, got {key!r}")
+    if _shared_row_fraction(fit_images, images) > 0.5:
+        raise ValueError("rank_readings: most evaluation images are also fit images; fit on the training split "
+                         "and evaluate on the test split")
+    decs = {r: decompose(model, force=force, reading=r, fit_images=fit_images, **fit_kwargs) for r in readings}
+    fid = {r: fidelity(model, d, images, labels) for r, d in decs.items()}
+    top = max(f[key] for f in fid.values())
+    best = next(r for r in readings if fid[r][key] >= top - 1e-9)
+    order = sorted(readings, key=lambda r: -fid[r][key])
+    return {"best": best, "key": key, "order": order, "fidelity": fid, "decompositions": decs}

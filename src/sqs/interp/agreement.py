@@ -1,0 +1,184 @@
+"""Fair agreement between two models' features (eigenvectors of their quadratic forms).
+
+Comparing eigenvectors rank by rank after sorting by |lambda| mixes the two signs (the
+largest |lambda| of a class may be negative in one model and positive in the other) and
+lets near-equal eigenvalues swap ranks. So, per class, in pixel space (u = E^T q: two
+models have different embeddings E, only pixel-space pictures are comparable), float64:
+
+- sides: "positive" (lambda > 0, largest first), "negative" (lambda < 0, most negative
+  first), and "abs" (the |lambda| order of `Decomposition`, kept as a secondary view);
+- per_rank: |cos| between the eigenvectors of equal rank within a side;
+- best_match: |cos| of the optimal one-to-one assignment between the two top-k sets
+  (`scipy.optimize.linear_sum_assignment`, maximising the summed |cos|), per rank of A;
+- overlap: mean squared canonical cosine between the two top-k subspaces,
+  ||Qa^T Qb||_F^2 / min(ka, kb) with Qa, Qb orthonormal bases (QR) of the pixel vectors;
+  1 iff one subspace contains the other, whatever the order and signs inside;
+- form_cosine: cosine between the whole pixel-space quadratic forms M_a = E^T B_a E of
+  the two models (Frobenius inner product, signed: B vs -B gives -1), computed with
+  d x d traces, never forming 784 x 784; form_cosine_centered does the same after
+  subtracting each model's mean form over classes (the part softmax ignores).
+
+A side with fewer than k eigenvalues of its sign (|lambda| <= tol * max|lambda| counts as
+zero, i.e. numerically null directions belong to no side) reports only the ranks that
+exist: per_rank entries beyond min(ka, kb) and best_match entries of A's ranks beyond
+min(ka, kb) (or beyond ka) are NaN, the overlap averages over min(ka, kb) canonical
+angles and is NaN when a side is empty. Summaries skip NaN and report how many
+(pair, class) values each rank rests on.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from sqs.interp.spectra import Decomposition
+
+SIDES = ("positive", "negative", "abs")
+DEFAULT_K = 10
+ZERO_TOL = 1e-10
+
+
+def _check_k(k: int) -> int:
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"agreement: k must be a positive int (ranks per side), got {k!r}")
+    return k
+
+
+def side_indices(eigenvalues: torch.Tensor, side: str, k: int, tol: float = ZERO_TOL) -> list[torch.Tensor]:
+    """Per class, indices (into the |lambda|-sorted eigenvalues) of the top-k of a side.
+
+    positive: lambda > tol * max|lambda|, largest first; negative: lambda < -tol * max|lambda|,
+    most negative first; abs: the first k of the |lambda| order. Lists may be shorter than k.
+    """
+    if side not in SIDES:
+        raise ValueError(f"agreement: side must be one of {', '.join(SIDES)}, got {side!r}")
+    out = []
+    for lam in eigenvalues.to(torch.float64):
+        if side == "abs":
+            out.append(torch.arange(min(k, lam.shape[0])))
+            continue
+        s = lam if side == "positive" else -lam
+        thresh = tol * float(lam.abs().max()) if lam.numel() else 0.0
+        idx = torch.nonzero(s > thresh).flatten()
+        out.append(idx[s[idx].argsort(descending=True)][:k])
+    return out
+
+
+def _side_pair(ua: torch.Tensor, ub: torch.Tensor, k: int) -> dict:
+    """Agreement of two sets of unit pixel vectors (ka, P) and (kb, P), ka, kb <= k."""
+    ka, kb = ua.shape[0], ub.shape[0]
+    m = min(ka, kb)
+    per_rank = np.full(k, np.nan)
+    best = np.full(k, np.nan)
+    match = np.full(k, -1, dtype=np.int64)
+    overlap = math.nan
+    if m:
+        cos = (ua @ ub.T).abs().numpy()  # (ka, kb)
+        per_rank[:m] = np.diagonal(cos)[:m]
+        rows, cols = linear_sum_assignment(cos, maximize=True)
+        best[rows], match[rows] = cos[rows, cols], cols
+        qa, qb = torch.linalg.qr(ua.T).Q, torch.linalg.qr(ub.T).Q  # (P, ka), (P, kb) orthonormal
+        overlap = float((qa.T @ qb).pow(2).sum()) / m
+    return {"per_rank": per_rank, "best_match": best, "match": match, "overlap": overlap, "n_a": ka, "n_b": kb}
+
+
+def form_cosine(dec_a: Decomposition, dec_b: Decomposition, centered: bool = False) -> np.ndarray:
+    """(C,) signed cosine between the pixel-space forms M_a = E_A^T B_a E_A and E_B^T B'_a E_B.
+
+    <M, M'>_F = tr(B G B' G^T) with G = E_A E_B^T (d_A x d_B); no 784 x 784 matrix is formed.
+    centered: subtract each model's mean form over classes first.
+    """
+    if dec_a.n_classes != dec_b.n_classes:
+        raise ValueError(f"form_cosine: {dec_a.n_classes} vs {dec_b.n_classes} classes")
+    if dec_a.embed.shape[1] != dec_b.embed.shape[1]:
+        raise ValueError(f"form_cosine: {dec_a.embed.shape[1]} vs {dec_b.embed.shape[1]} pixels")
+    Ea, Eb = dec_a.embed.to(torch.float64), dec_b.embed.to(torch.float64)
+    Ba, Bb = dec_a.B.to(torch.float64), dec_b.B.to(torch.float64)
+    if centered:
+        Ba, Bb = Ba - Ba.mean(0, keepdim=True), Bb - Bb.mean(0, keepdim=True)
+
+    def inner(B1, E1, B2, E2):  # <E1^T B1 E1, E2^T B2 E2>_F per class
+        G = E1 @ E2.T
+        return torch.einsum("ajk,kl,alm,jm->a", B1, G, B2, G)
+
+    num = inner(Ba, Ea, Bb, Eb)
+    den = (inner(Ba, Ea, Ba, Ea) * inner(Bb, Eb, Bb, Eb)).sqrt()
+    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, math.nan)).numpy()
+
+
+def agreement(dec_a: Decomposition, dec_b: Decomposition, k: int = DEFAULT_K, tol: float = ZERO_TOL) -> dict:
+    """Agreement of two models' features, per class (see the module docstring).
+
+    Returns {"k", "n_classes", "positive" | "negative" | "abs": {"per_rank" (C, k),
+    "best_match" (C, k), "match" (C, k) rank in B's side matched to A's rank (-1: none),
+    "overlap" (C,), "n_a" (C,), "n_b" (C,)}, "form_cosine" (C,), "form_cosine_centered" (C,)}
+    as numpy arrays, NaN where a rank does not exist.
+    """
+    k = _check_k(k)
+    if dec_a.n_classes != dec_b.n_classes:
+        raise ValueError(f"agreement: {dec_a.n_classes} vs {dec_b.n_classes} classes")
+    out = {"k": k, "n_classes": dec_a.n_classes}
+    for side in SIDES:
+        ia, ib = side_indices(dec_a.eigenvalues, side, k, tol), side_indices(dec_b.eigenvalues, side, k, tol)
+        per = [_side_pair(dec_a.pixel[c, ia[c]].to(torch.float64), dec_b.pixel[c, ib[c]].to(torch.float64), k)
+               for c in range(dec_a.n_classes)]
+        out[side] = {key: np.stack([np.asarray(p[key]) for p in per]) for key in per[0]}
+    out["form_cosine"] = form_cosine(dec_a, dec_b)
+    out["form_cosine_centered"] = form_cosine(dec_a, dec_b, centered=True)
+    return out
+
+
+def pairings(decs_a: list, decs_b: list | None = None, paired: bool = True) -> list[tuple]:
+    """Model pairs to compare: all unordered pairs within decs_a (decs_b None); decs_a[i] vs
+    decs_b[i] (paired); or every cross pair i != j (paired=False)."""
+    if decs_b is None:
+        pairs = [(decs_a[i], decs_a[j]) for i in range(len(decs_a)) for j in range(i + 1, len(decs_a))]
+    elif paired:
+        if len(decs_a) != len(decs_b):
+            raise ValueError(f"pairings: paired lists must have equal length, got {len(decs_a)} and {len(decs_b)}")
+        pairs = list(zip(decs_a, decs_b))
+    else:
+        pairs = [(a, b) for i, a in enumerate(decs_a) for j, b in enumerate(decs_b) if i != j]
+    if not pairs:
+        raise ValueError("pairings: no pairs to compare (need at least two models)")
+    return pairs
+
+
+def _stats(values: np.ndarray) -> dict:
+    """mean / std (population) / n over axis 0, NaN skipped; None where nothing is left."""
+    v = np.asarray(values, dtype=np.float64)
+    n = (~np.isnan(v)).sum(0)
+    with warnings.catch_warnings():  # all-NaN ranks: mean/std are NaN -> None below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean, std = np.nanmean(v, 0), np.nanstd(v, 0)
+
+    def plain(x) -> float | None:
+        return None if np.isnan(x) else float(x)
+
+    if v.ndim == 1:
+        return {"mean": plain(mean), "std": plain(std), "n": int(n)}
+    return {"mean": [plain(x) for x in mean], "std": [plain(x) for x in std], "n": n.tolist()}
+
+
+def agreement_summary(pairs: list[tuple], k: int = DEFAULT_K, tol: float = ZERO_TOL) -> dict:
+    """Mean ± std over (pair, class) of every agreement measure, JSON-ready.
+
+    pairs: [(dec_a, dec_b), ...] (see `pairings`). Returns {"n_pairs", "k", side: {"per_rank",
+    "best_match": {"mean": [k], "std": [k], "n": [k]}, "overlap": {"mean", "std", "n"}},
+    "form_cosine", "form_cosine_centered": {"mean", "std", "n"}}; a rank no pair has is None.
+    """
+    k = _check_k(k)
+    if not pairs:
+        raise ValueError("agreement_summary: no pairs to compare")
+    res = [agreement(a, b, k=k, tol=tol) for a, b in pairs]
+    out = {"n_pairs": len(res), "k": k}
+    for side in SIDES:
+        out[side] = {m: _stats(np.concatenate([r[side][m] for r in res])) for m in ("per_rank", "best_match")}
+        out[side]["overlap"] = _stats(np.concatenate([r[side]["overlap"] for r in res]))
+    for m in ("form_cosine", "form_cosine_centered"):
+        out[m] = _stats(np.concatenate([r[m] for r in res]))
+    return out
