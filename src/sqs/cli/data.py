@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from sqs.cli._args import nonneg_int
+
 IMAGE_DATASETS = ("mnist", "fashion-mnist")
 
 
@@ -32,6 +34,6 @@ def register(sub, groups) -> None:
     p.add_argument("--from", dest="src", help="tinystories: a folder of .txt/.txt.gz files in the official format")
     p.add_argument("--cache-dir", help="cache root (default $SQS_CACHE_DIR or ~/.cache/sqs)")
     p.add_argument("--force", action="store_true", help="fetch again even if the cache is valid")
-    p.add_argument("--vocab-size", type=int, default=4096,
+    p.add_argument("--vocab-size", type=nonneg_int, default=4096,
                    help="tinystories: also train the BPE tokenizer and encode the token files (0 to skip)")
     p.set_defaults(func=_fetch)
