@@ -76,8 +76,11 @@ def user_message(err: BaseException) -> str | None:
         return one_line(str(err))
     if isinstance(err, FILE_ERRORS):
         if err.filename is not None:
-            what = err.strerror or type(err).__name__
-            return one_line(f"{err.filename}: {what.lower()}")
+            what = (err.strerror or type(err).__name__).lower()
+            if isinstance(err, PermissionError):
+                what += ("; make it writable or choose another location (data cache: --cache-dir DIR or "
+                         "$SQS_CACHE_DIR; a run: --run-dir DIR)")
+            return one_line(f"{err.filename}: {what}")
         return one_line(str(err))
     return None
 

@@ -43,6 +43,10 @@ class RunDirError(UserError):
     """A run directory that cannot be used as asked (another config, another writer, ...)."""
 
 
+class NotARunDir(RunDirError, FileNotFoundError):
+    """A path given as a run directory that has no run in it (no config.json, or no weights yet)."""
+
+
 class RunLocked(RunDirError):
     """Another live process is training into the same run directory."""
 

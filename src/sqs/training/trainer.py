@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from sqs.io import DataWarning, UserError, append_jsonl, read_jsonl, scan_jsonl, write_text
+from sqs.io import ConfigError, DataWarning, append_jsonl, read_jsonl, scan_jsonl, write_text
 from sqs.training.checkpoint import (
     CheckpointCorrupt,
     NonFiniteState,
@@ -87,10 +87,6 @@ class TrainingDiverged(RuntimeError):
         super().__init__(message)
         self.step = step
         self.checkpoint_step = checkpoint_step
-
-
-class ConfigError(UserError, ValueError):
-    """A training setting out of range (the message names it and the valid range)."""
 
 
 def _finite_number(x: Any) -> bool:
