@@ -197,9 +197,19 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return read_jsonl(Path(run_dir) / METRICS)
 
 
-def is_complete(run_dir: str | Path) -> bool:
+def is_complete(run_dir: str | Path, verify: bool = True) -> bool:
+    """True for a finished run: a final metrics record and final weights that verify against
+    their sha256 (`verify`), so an experiment loop re-runs (and `train` repairs) a finished run
+    whose model.safetensors is damaged instead of skipping it."""
     run_dir = Path(run_dir)
-    return (run_dir / MODEL).exists() and any(m.get("final") for m in read_metrics(run_dir))
+    if not (run_dir / MODEL).exists() or not any(m.get("final") for m in read_metrics(run_dir)):
+        return False
+    if verify:
+        try:
+            verify_checkpoint(run_dir / MODEL)
+        except CheckpointCorrupt:
+            return False
+    return True
 
 
 def _note(run_dir: Path, message: str, event: str, **fields: Any) -> None:
@@ -262,6 +272,9 @@ def _resume_from(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.O
                 continue
         try:
             meta = load_checkpoint(path, model, optimizer)
+            step = meta.get("step")
+            if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+                raise CheckpointCorrupt(f"checkpoint {path} has no valid `step` in its metadata (got {step!r})")
         except CheckpointCorrupt as e:
             to = move_aside(path, "damaged")
             damaged.append(f"{path.name} (kept as {to.name})")
