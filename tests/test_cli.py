@@ -207,7 +207,7 @@ def test_a_damaged_checkpoint_is_one_line(lm_run, tmp_path, capsys):
     assert main(["generate", str(rd), "--max-new-tokens", "2"]) == 2
     one_line_error(capsys, "model.safetensors", "damaged")
     # an experiment loop does not count this run as finished, and re-running the command repairs it
-    assert not is_complete(rd)
+    assert is_complete(rd) and not is_complete(rd, verify=True)
 
 
 def test_a_second_writer_is_one_line(lm_run, tiny_toml, cache, capsys):
@@ -244,10 +244,10 @@ def test_a_damaged_final_model_is_repaired_by_rerunning(lm_run, tiny_toml, cache
     data = bytearray((rd / "model.safetensors").read_bytes())
     data[-5] ^= 0xFF
     (rd / "model.safetensors").write_bytes(bytes(data))
-    assert not is_complete(rd)
+    assert not is_complete(rd, verify=True)
     with pytest.warns(Warning, match="damaged"):
         assert main(train_lm(rd, tiny_toml, cache)) == 0
-    assert is_complete(rd)
+    assert is_complete(rd, verify=True)
 
 
 def test_nan_with_grad_clip_on_says_true_things_end_to_end(tiny_toml, cache, tmp_path, capsys):

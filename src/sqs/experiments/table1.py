@@ -158,7 +158,7 @@ def run_grid(specs: Sequence[RunSpec], workers: int = 2, threads: int = 1, cache
     from tqdm.auto import tqdm
 
     check_existing(specs)
-    todo = [s for s in specs if not is_complete(s.run_dir)]
+    todo = [s for s in specs if not is_complete(s.run_dir, verify=True)]
     summary = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "n_runs": len(specs), "n_skipped": len(specs) - len(todo),
                "n_trained": 0, "workers": 0, "threads": threads, "failed": [], "runs": {}}
     t0 = time.perf_counter()

@@ -197,10 +197,11 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return read_jsonl(Path(run_dir) / METRICS)
 
 
-def is_complete(run_dir: str | Path, verify: bool = True) -> bool:
-    """True for a finished run: a final metrics record and final weights that verify against
-    their sha256 (`verify`), so an experiment loop re-runs (and `train` repairs) a finished run
-    whose model.safetensors is damaged instead of skipping it."""
+def is_complete(run_dir: str | Path, verify: bool = False) -> bool:
+    """True for a finished run: a final metrics record and final weights. With `verify` the
+    weights must also match their sha256: experiment loops pass it, so they re-run (and
+    `train` repairs) a finished run whose model.safetensors is damaged instead of skipping it;
+    reports, which read only the metrics, need not."""
     run_dir = Path(run_dir)
     if not (run_dir / MODEL).exists() or not any(m.get("final") for m in read_metrics(run_dir)):
         return False
