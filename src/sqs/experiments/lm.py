@@ -267,7 +267,7 @@ def load_lm(run_dir: str | os.PathLike, device: str | None = "cpu", allow_checkp
     cpath = run_dir / "config.json"
     if not cpath.exists():
         what = "does not exist" if not run_dir.exists() else "is not an LM run directory (no config.json)"
-        raise NotARunDir(f"{run_dir} {what}; give the --run-dir of a `sqs train lm` run")
+        raise NotARunDir(f"{run_dir} {what}; give a run directory made by `sqs train lm --run-dir DIR`")
     try:
         config = json.loads(cpath.read_text())
     except (OSError, ValueError) as e:
