@@ -20,6 +20,10 @@ class UserError(Exception):
     setting) and the fix. The CLI prints it without a traceback and exits with status 2."""
 
 
+class ConfigError(UserError, ValueError):
+    """A setting out of range or malformed (the message names it and the valid range)."""
+
+
 class DataWarning(UserWarning):
     """Something in a file on disk was damaged and skipped or set aside (nothing was lost)."""
 

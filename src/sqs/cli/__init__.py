@@ -10,12 +10,20 @@
 
 Each module of this package registers its commands (`register(sub, groups)`), parses
 arguments and calls a library function; none computes anything itself.
+
+Errors a person can fix are printed as ONE line on stderr, exit status 2, no traceback
+(`sqs --debug ...` or SQS_DEBUG=1 shows it): a flag out of range (refused by argparse before
+anything runs), and every `sqs.io.UserError` (config, run directory, checkpoint, data) or
+missing / unreadable file. `TrainingDiverged` exits with status 1, Ctrl-C with 130. Anything
+else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 
 from sqs.cli import bench, data, demo, experiment, generate, spectra, train
 
@@ -29,8 +37,22 @@ GROUPS = {
 MODULES = (data, bench, train, experiment, spectra, generate, demo)
 
 
+# Errors of the file system that a person fixes (a path that is not there, not readable or
+# not writable); their message names the file.
+FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error printed as one line (the flag, the problem, where to look)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sqs", description="Signed Quadratic Shrink GLU toolkit")
+    parser = Parser(prog="sqs", description="Signed Quadratic Shrink GLU toolkit")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also: environment SQS_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     groups = {}
     for name, help_ in GROUPS.items():
@@ -41,13 +63,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(message: str) -> str:
+    """A message as one line (a multi-line message's lines joined with '; ')."""
+    return "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def user_message(err: BaseException) -> str | None:
+    """The one-line message of an error a person can fix, else None (a bug: keep the traceback)."""
+    from sqs.io import UserError
+
+    if isinstance(err, UserError):
+        return one_line(str(err))
+    if isinstance(err, FILE_ERRORS):
+        if err.filename is not None:
+            what = (err.strerror or type(err).__name__).lower()
+            if isinstance(err, PermissionError):
+                what += ("; make it writable or choose another location (data cache: --cache-dir DIR or "
+                         "$SQS_CACHE_DIR; a run: --run-dir DIR)")
+            return one_line(f"{err.filename}: {what}")
+        return one_line(str(err))
+    return None
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the `sqs` command with `argv` (default sys.argv[1:]); return the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error, already printed as one line (2)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    debug = args.debug or os.environ.get("SQS_DEBUG", "").strip() not in ("", "0")
     try:
         out = args.func(args)
     except KeyboardInterrupt:
         print("\ninterrupted: finished runs and checkpoints are kept; re-run the same command to resume",
               file=sys.stderr)
         return 130
+    except Exception as e:
+        from sqs.training.trainer import TrainingDiverged
+
+        if isinstance(e, TrainingDiverged):
+            code, msg = 1, one_line(str(e))
+        else:
+            code, msg = 2, user_message(e)
+            if msg is None:
+                raise  # a bug: the traceback is the useful report
+        if debug:
+            traceback.print_exc()
+        if _is_rank0():
+            print(f"sqs: error: {msg}", file=sys.stderr)
+        return code
     return int(out or 0)

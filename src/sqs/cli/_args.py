@@ -1,10 +1,18 @@
-"""Argument helpers shared by the command modules."""
+"""Argument helpers shared by the command modules: gate names, `--set`, and range-checked numbers.
+
+Every numeric flag goes through one of the `type=` checkers below, so a value out of range
+(`--epochs 0`, `--top-k -3`, `--temperature nan`) is refused at parse time with one line that
+names the flag and the valid range, before anything runs or is written.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+from typing import Callable
 
 from sqs.functional import GATE_ALIASES, GATES, canonical_gate
+from sqs.training.rundir import ALLOWED_CHANGES
 
 
 def gate(name: str) -> str:
@@ -29,3 +37,51 @@ def add_set(p: argparse.ArgumentParser, example: str) -> None:
     """The one override syntax: --set dotted.key=TOML value (repeatable)."""
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override a config key, dotted for tables, value in TOML syntax (repeatable), e.g. {example}")
+
+
+def add_allow_change(p: argparse.ArgumentParser) -> None:
+    """`--allow-change KEY` (repeatable): a setting that may differ from the run's config on resume."""
+    p.add_argument("--allow-change", action="append", default=[], choices=ALLOWED_CHANGES, metavar="KEY",
+                   help=f"on resume, accept a changed setting (repeatable; one of {', '.join(ALLOWED_CHANGES)}), "
+                        "e.g. a lower --set train.lr after a NaN; each change is recorded in history.jsonl")
+
+
+# ----------------------------------------------------------------------------- numbers
+
+
+def _number(kind: type, text: str) -> int | float:
+    try:
+        val = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{'an integer' if kind is int else 'a number'} expected, "
+                                         f"got {text!r}") from None
+    if kind is float and not math.isfinite(val):
+        raise argparse.ArgumentTypeError(f"a finite number expected, got {text!r}")
+    return val
+
+
+def bounded(kind: type, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+            name: str | None = None) -> Callable[[str], int | float]:
+    """argparse type: an int or finite float in [lo, hi] ((lo, hi] with `lo_open`)."""
+    if name is None:
+        rule = []
+        if lo is not None:
+            rule.append(f"{'>' if lo_open else '>='} {lo:g}")
+        if hi is not None:
+            rule.append(f"<= {hi:g}")
+        name = ("an integer" if kind is int else "a number") + (" " + " and ".join(rule) if rule else "")
+
+    def check(text: str) -> int | float:
+        val = _number(kind, text)
+        if (lo is not None and (val < lo or (lo_open and val == lo))) or (hi is not None and val > hi):
+            raise argparse.ArgumentTypeError(f"must be {name}, got {text}")
+        return val
+
+    check.__name__ = name  # argparse names the type in some messages
+    return check
+
+
+positive_int = bounded(int, 1)
+nonneg_int = bounded(int, 0)
+positive_float = bounded(float, 0, lo_open=True)
+nonneg_float = bounded(float, 0)

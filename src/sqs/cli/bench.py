@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import itertools
 
-from sqs.cli._args import add_gate
+from sqs.cli._args import add_gate, bounded, positive_int
+
+REPS = bounded(int, 1)  # timed repetitions
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -89,18 +91,18 @@ def _lm(args) -> int:
 
 def register(sub, groups) -> None:
     p = groups["bench"].add_parser("ops", help="gate op forward+backward time and peak memory, ratios to SwiGLU in plain PyTorch")
-    p.add_argument("--numel", type=int, nargs="+", default=[8 * 2**20], help="elements per tensor (default 8M)")
-    p.add_argument("--reps", type=int, default=10, help="timed repetitions per variant (median reported; >= 10)")
+    p.add_argument("--numel", type=positive_int, nargs="+", default=[8 * 2**20], help="elements per tensor (default 8M)")
+    p.add_argument("--reps", type=REPS, default=10, help="timed repetitions per variant (median reported; >= 1)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--out", help="also write the table(s) to this markdown file")
     p.set_defaults(func=_ops)
 
     p = groups["bench"].add_parser("glu", help="the paper's App. C grid: 1-layer GLU forward+backward, all gates")
-    p.add_argument("--batch", type=int, nargs="+", default=[256, 512, 1024],
+    p.add_argument("--batch", type=positive_int, nargs="+", default=[256, 512, 1024],
                    help="batch sizes (paper: 256 512 1024 2048; CPU default a subset)")
-    p.add_argument("--width", type=int, nargs="+", default=[256, 512, 1024],
+    p.add_argument("--width", type=positive_int, nargs="+", default=[256, 512, 1024],
                    help="widths (paper: 256 512 1024 2048; CPU default a subset)")
-    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--reps", type=REPS, default=10)
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--out", help="also write the table to this markdown file")
     p.set_defaults(func=_glu)
@@ -108,8 +110,8 @@ def register(sub, groups) -> None:
     p = groups["bench"].add_parser("head", help="the LM's output layer + cross-entropy: plain vs chunked "
                                                 "(sqs.ops.linear_cross_entropy), time and peak memory")
     p.add_argument("--config", default="tinystories-cpu", help="LM config name or .toml path (sizes and batch)")
-    p.add_argument("--batch", type=int, help="sequences per step (default: the config's micro-batch)")
-    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--batch", type=positive_int, help="sequences per step (default: the config's micro-batch)")
+    p.add_argument("--reps", type=REPS, default=10)
     p.add_argument("--out", help="also write the table to this markdown file")
     p.set_defaults(func=_head)
 
@@ -118,7 +120,7 @@ def register(sub, groups) -> None:
     p.add_argument("--config", default="tinystories-cpu", help="LM config name or .toml path (model and batch)")
     add_gate(p, "--gates", nargs="+", default=["swiglu", "sqs", "relu", "gelu", "bilinear"],
              help="gates to time (SwiGLU, the baseline, is always timed)")
-    p.add_argument("--batch", type=int, help="sequences per step (default: the config's micro-batch)")
-    p.add_argument("--reps", type=int, default=12)
+    p.add_argument("--batch", type=positive_int, help="sequences per step (default: the config's micro-batch)")
+    p.add_argument("--reps", type=REPS, default=12)
     p.add_argument("--out", help="also write the table to this markdown file")
     p.set_defaults(func=_lm)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from sqs.cli._args import nonneg_int
+
 IMAGE_DATASETS = ("mnist", "fashion-mnist")
 
 
@@ -11,7 +13,8 @@ def _fetch(args) -> int:
     if args.dataset in IMAGE_DATASETS:
         from sqs.data import images
 
-        path = images.fetch(args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir, force=args.force)
+        path = images.fetch(args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir, force=args.force,
+                            verify=not args.no_verify)
         print(f"{args.dataset}: ready in {path}")
     else:
         from sqs.data import tinystories
@@ -32,6 +35,8 @@ def register(sub, groups) -> None:
     p.add_argument("--from", dest="src", help="tinystories: a folder of .txt/.txt.gz files in the official format")
     p.add_argument("--cache-dir", help="cache root (default $SQS_CACHE_DIR or ~/.cache/sqs)")
     p.add_argument("--force", action="store_true", help="fetch again even if the cache is valid")
-    p.add_argument("--vocab-size", type=int, default=4096,
+    p.add_argument("--no-verify", action="store_true",
+                   help="images: accept --data-dir files whose md5 differs from the originals (modified copies)")
+    p.add_argument("--vocab-size", type=nonneg_int, default=4096,
                    help="tinystories: also train the BPE tokenizer and encode the token files (0 to skip)")
     p.set_defaults(func=_fetch)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from sqs.cli._args import nonneg_int, positive_int
+
 
 def _demo(args) -> int:
     from sqs.experiments.demo import run_demo
@@ -20,8 +22,8 @@ def register(sub, groups) -> None:
     p.add_argument("--runs-dir", default="runs/demo",
                    help="runs folder: the two runs go to RUNS_DIR/sec41/<dataset>/<gate>-s<seed> (resumable)")
     p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"])
-    p.add_argument("--epochs", type=int, default=20, help="epochs per model (paper: 20)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=positive_int, default=20, help="epochs per model (paper: 20)")
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--data-dir", help="a folder of IDX files instead of fetching")
     p.add_argument("--cache-dir", help="cache root (default $SQS_CACHE_DIR or ~/.cache/sqs)")
     p.set_defaults(func=_demo)

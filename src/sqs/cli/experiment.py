@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from sqs.cli._args import add_gate
+from sqs.cli._args import add_gate, nonneg_int, positive_int
 from sqs.cli.train import add_image_common, add_lm_common, finish_dist, is_rank0, lm_length
 
 RUNS_HELP = "runs folder: runs go to RUNS_DIR/<config>/<dataset>/<gate>-s<seed> (default: %(default)s)"
@@ -81,11 +81,11 @@ def register(sub, groups) -> None:
     add_image_common(p)
     p.add_argument("--out", default="results/image", help="report folder (default: %(default)s)")
     p.add_argument("--runs-dir", default="runs", help=RUNS_HELP)
-    p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default: %(default)s)")
+    p.add_argument("--seeds", type=positive_int, default=5, help="seeds 0..N-1 (default: %(default)s)")
     add_gate(p, "--gates", nargs="+", default=list(GATES), help=f"gates (default: {' '.join(GATES)})")
     p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS), metavar="DATASET",
                    help=f"any of {', '.join(DATASETS)} (default: both)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=positive_int, default=None,
                    help="parallel worker processes (default: one per available CPU core, each with --threads 1)")
     p.add_argument("--report-only", action="store_true", help="only (re)write the report from the run directories")
     p.add_argument("--no-run-bars", action="store_true",
@@ -98,12 +98,12 @@ def register(sub, groups) -> None:
                     "sec41), decompose them and write summary.md, summary.json and figures.")
     p.add_argument("--runs-dir", default="runs", help=RUNS_HELP)
     p.add_argument("--out", default="results/spectra")
-    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--seeds", type=positive_int, default=5)
     p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=positive_int, default=20)
     p.add_argument("--report-only", action="store_true", help="train nothing; analyse the finished runs")
     p.add_argument("--data-dir", help="folder of IDX files (default: the cache); only with one dataset")
-    p.add_argument("--explain-index", type=int, default=0)
+    p.add_argument("--explain-index", type=nonneg_int, default=0)
     p.set_defaults(func=_spectra)
 
     e = groups["experiment"].add_parser(
@@ -114,12 +114,12 @@ def register(sub, groups) -> None:
     e.add_argument("--out", default="results/lm", help="report folder (default results/lm)")
     e.add_argument("--runs-dir", default="runs", help=RUNS_HELP)
     add_gate(e, "--gates", nargs="+", default=list(GATES), help=f"gates to train (default all: {' '.join(GATES)})")
-    e.add_argument("--extra-seeds", nargs="*", type=int, default=[1],
+    e.add_argument("--extra-seeds", nargs="*", type=nonneg_int, default=[1],
                    help="extra seeds for SQS and SwiGLU, to show the seed noise (default: 1; none: --extra-seeds)")
     e.add_argument("--report-only", action="store_true", help="only regenerate the report from the run dirs")
     e.add_argument("--no-samples", action="store_true", help="skip samples.md")
-    e.add_argument("--max-new-tokens", type=int, default=160, help="sample length in samples.md")
-    e.add_argument("--throughput-reps", type=int, default=30,
+    e.add_argument("--max-new-tokens", type=positive_int, default=160, help="sample length in samples.md")
+    e.add_argument("--throughput-reps", type=nonneg_int, default=30,
                    help="after training, time every gate's training step interleaved this many rounds "
                         "(results/lm/throughput.json; 0 skips it)")
     e.set_defaults(func=_tinystories)

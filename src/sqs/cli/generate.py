@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from sqs.cli._args import nonneg_float, nonneg_int, positive_int
+
 
 def _generate(args) -> int:
     from sqs.experiments import lm
@@ -10,7 +12,7 @@ def _generate(args) -> int:
                         cache_dir=args.cache_dir)
     for i in range(args.num_samples):
         text = lm.generate_text(loaded, args.prompt, max_new_tokens=args.max_new_tokens,
-                                temperature=args.temperature, top_k=args.top_k or None, seed=args.seed + i,
+                                temperature=args.temperature, top_k=args.top_k, seed=args.seed + i,
                                 stop_at_eot=not args.no_stop)
         if args.num_samples > 1:
             print(f"--- sample {i + 1} (seed {args.seed + i})")
@@ -24,11 +26,12 @@ def register(sub, groups) -> None:
                                    "--temperature 0 is greedy).")
     g.add_argument("run_dir", help="a run directory of `sqs train lm`")
     g.add_argument("--prompt", default="Once upon a time")
-    g.add_argument("--max-new-tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--num-samples", type=int, default=1, help="samples with seeds seed, seed+1, ...")
+    g.add_argument("--max-new-tokens", type=positive_int, default=200, help="tokens to add, >= 1 (default 200)")
+    g.add_argument("--temperature", type=nonneg_float, default=0.8, help="finite, >= 0; 0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=positive_int, default=None,
+                   help="sample from the k most likely tokens, >= 1 (default: all)")
+    g.add_argument("--seed", type=nonneg_int, default=0)
+    g.add_argument("--num-samples", type=positive_int, default=1, help="samples with seeds seed, seed+1, ... (>= 1)")
     g.add_argument("--no-stop", action="store_true", help="do not stop at <|endoftext|>")
     g.add_argument("--device", default="cpu")
     g.add_argument("--cache-dir", help="only for runs without a tokenizer.json")

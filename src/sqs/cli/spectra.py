@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import sys
 
+from sqs.cli._args import nonneg_int, positive_int
+
 
 def _clean_errors(fn):
     """Report the analysis' refusals (gate, depth, bad index) and missing runs as one line, exit status 2."""
@@ -54,7 +56,7 @@ def register(sub, groups) -> None:
     p.add_argument("--dataset", help="override the dataset named in the run config")
     p.add_argument("--data-dir", help="folder of IDX files (default: the cache)")
     p.add_argument("--no-fidelity", action="store_true", help="skip the test-set fidelity metrics")
-    p.add_argument("--n", type=int, default=2, help="eigenvectors of each sign per class in the grid")
+    p.add_argument("--n", type=positive_int, default=2, help="eigenvectors of each sign per class in the grid")
     p.set_defaults(func=_clean_errors(_decompose))
 
     p = g.add_parser("compare", help="|cos| per rank between two runs' eigenvectors (pixel space)")
@@ -66,8 +68,8 @@ def register(sub, groups) -> None:
 
     p = g.add_parser("explain", help="explain one test input by eigenvector contributions λ(q·x)²")
     p.add_argument("run_dir")
-    p.add_argument("--index", type=int, required=True, help="index into the test split")
-    p.add_argument("--top", type=int, default=4)
+    p.add_argument("--index", type=nonneg_int, required=True, help="index into the test split")
+    p.add_argument("--top", type=positive_int, default=4)
     p.add_argument("--out", help="output folder (default RUN_DIR/spectra)")
     p.add_argument("--dataset")
     p.add_argument("--data-dir")

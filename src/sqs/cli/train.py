@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from sqs.cli._args import add_gate, add_set
+from sqs.cli._args import add_allow_change, add_gate, add_set, nonneg_int, positive_float, positive_int
 
 
 def image_config(args, gate: str | None = None, dataset: str | None = None, seed: int | None = None):
@@ -20,26 +20,41 @@ def image_config(args, gate: str | None = None, dataset: str | None = None, seed
                      ("batch_size", getattr(args, "batch_size", None))):
         if val is not None:
             ov.append(f"{key}={json.dumps(val)}")
-    return load_config(args.config, ov)
+    return config_errors(load_config, args.config, ov)
+
+
+def config_errors(load, *a, **kw):
+    """Call a config loader; its refusals (ValueError, TypeError) are errors in the user's config or
+    flags, reported as one-line ConfigError naming the config."""
+    from sqs.training.trainer import ConfigError
+
+    try:
+        return load(*a, **kw)
+    except (ValueError, TypeError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(str(e)) from e
 
 
 def _train_image(args) -> int:
     import torch
 
     from sqs.experiments.image import run_image
+    from sqs.training.rundir import allow_changes
 
     cfg = image_config(args, gate=args.gate, dataset=args.dataset, seed=args.seed)
     if args.print_config:
         print(cfg.to_toml(), end="")
         return 0
     if args.run_dir is None:
-        print("sqs train image: --run-dir is required (unless --print-config)", file=sys.stderr)
+        print("sqs: error: sqs train image: --run-dir DIR is required (unless --print-config)", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    recs = run_image(cfg, args.run_dir, progress=not args.no_progress, data_dir=args.data_dir,
-                     cache_dir=args.cache_dir)
+    with allow_changes(*args.allow_change):
+        recs = run_image(cfg, args.run_dir, progress=not args.no_progress, data_dir=args.data_dir,
+                         cache_dir=args.cache_dir)
     final = recs[-1] if recs else {}
     if final.get("final"):
         print(f"{cfg.name()}: step {final['step']}, test loss {final['test_loss']:.4f}, "
@@ -53,10 +68,11 @@ def add_image_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="sec42",
                    help="a shipped config (sec41: 1 layer, batch 2048; sec42: 2 layers, batch 512) or a .toml file "
                         "(default: %(default)s)")
-    p.add_argument("--epochs", type=float, default=None, help="override the config's epochs (default: config, 20)")
+    p.add_argument("--epochs", type=positive_float, default=None,
+                   help="override the config's epochs (> 0; default: config, 20)")
     add_set(p, "--set model.norm=rms --set train.lr=3e-3 --set noise_std=0.5")
     p.add_argument("--cache-dir", help="cache root holding the datasets (default $SQS_CACHE_DIR or ~/.cache/sqs)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads per process")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads per process")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -68,9 +84,10 @@ def add_lm_common(p: argparse.ArgumentParser) -> None:
                    help="a shipped LM config (tinystories-cpu, tinystories-paper) or a .toml path "
                         "(default: tinystories-cpu)")
     add_set(p, "--set train.lr=3e-4 --set train.batch_size=64 --set train.grad_accum=4")
-    p.add_argument("--epochs", type=float, help="training length in epochs (replaces the config's length)")
-    p.add_argument("--tokens", type=int, help="training length in tokens (replaces the config's length)")
-    p.add_argument("--steps", type=int, help="training length in optimizer steps (replaces the config's length)")
+    p.add_argument("--epochs", type=positive_float, help="training length in epochs, > 0 (replaces the config's length)")
+    p.add_argument("--tokens", type=positive_int, help="training length in tokens, >= 1 (replaces the config's length)")
+    p.add_argument("--steps", type=positive_int,
+                   help="training length in optimizer steps, >= 1 (replaces the config's length)")
     p.add_argument("--cache-dir", help="data cache root (default $SQS_CACHE_DIR or ~/.cache/sqs)")
     p.add_argument("--device", default="auto", help="auto (default: CUDA if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -96,21 +113,16 @@ def finish_dist(initialised: bool) -> None:
 def _train_lm(args) -> int:
     from sqs.experiments import lm
     from sqs.experiments.config import run_dir as default_run_dir
-    from sqs.training.trainer import RunConfigMismatch, TrainingDiverged
+    from sqs.training.rundir import allow_changes
 
-    cfg = lm.load_config(args.config, args.overrides, gate=args.gate, seed=args.seed, **lm_length(args))
+    cfg = config_errors(lm.load_config, args.config, args.overrides, gate=args.gate, seed=args.seed,
+                        **lm_length(args))
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir("runs", cfg.name, lm.DATASET, cfg.gate, cfg.seed)
     started = lm.init_distributed(args.device)
-    try:
-        records = lm.run_lm(cfg, run_dir, cache_dir=args.cache_dir, device=args.device,
-                            progress=not args.no_progress)
-    except TrainingDiverged as e:
-        if is_rank0():
-            print(f"error: {e}", file=sys.stderr)
-        return 1
-    except RunConfigMismatch as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    try:  # errors (a NaN: status 1; a user error: status 2) are reported by sqs.cli.main
+        with allow_changes(*args.allow_change):
+            records = lm.run_lm(cfg, run_dir, cache_dir=args.cache_dir, device=args.device,
+                                progress=not args.no_progress)
     finally:
         finish_dist(started)
     if is_rank0() and records:
@@ -131,8 +143,9 @@ def register(sub, groups) -> None:
     add_image_common(p)
     p.add_argument("--dataset", choices=DATASETS, default=None, help="default: the config's (mnist)")
     add_gate(p, "--gate", default=None, help="GLU gate (default: the config's, sqs)")
-    p.add_argument("--seed", type=int, default=None, help="default: the config's (0)")
-    p.add_argument("--batch-size", type=int, default=None, help="override the config's batch size")
+    p.add_argument("--seed", type=nonneg_int, default=None, help="default: the config's (0)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="override the config's batch size")
+    add_allow_change(p)
     p.add_argument("--run-dir", help="the run directory (required)")
     p.add_argument("--data-dir", help="a folder with the dataset's four IDX files (raw or .gz) instead of the cache")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
@@ -145,7 +158,8 @@ def register(sub, groups) -> None:
                     "of every global batch (same result as one process).")
     add_lm_common(p)
     add_gate(p, "--gate", default=None, help="GLU gate (default: the config's, sqs)")
-    p.add_argument("--seed", type=int, default=None, help="seed (default: the config's, 0)")
+    p.add_argument("--seed", type=nonneg_int, default=None, help="seed (default: the config's, 0)")
+    add_allow_change(p)
     p.add_argument("--run-dir", help="run directory (default runs/<config>/tinystories/<gate>-s<seed>); "
                                      "re-running the same command resumes it")
     p.set_defaults(func=_train_lm)

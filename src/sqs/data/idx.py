@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sqs.io import atomic_write
+from sqs.io import UserError, atomic_write
 
 __all__ = ["IDXError", "DTYPES", "read_idx", "read_idx_bytes", "parse_idx", "encode_idx", "write_idx"]
 
@@ -33,7 +33,7 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _DEFAULT_FIX = "replace it with an intact copy of the original file (for MNIST / Fashion-MNIST: re-run `sqs data fetch <name>`)"
 
 
-class IDXError(ValueError):
+class IDXError(UserError, ValueError):
     """A file is not a valid IDX file. The message names the file, the problem and a fix."""
 
 

@@ -32,7 +32,7 @@ import torch
 
 from sqs.data.cache import cache_dir as _cache_root
 from sqs.data.idx import IDXError, parse_idx, read_idx_bytes
-from sqs.io import atomic_write
+from sqs.io import UserError, atomic_write
 
 __all__ = [
     "DATASETS",
@@ -110,11 +110,11 @@ DATASETS: dict[str, ImageDataset] = {
 }
 
 
-class FetchError(RuntimeError):
+class FetchError(UserError, RuntimeError):
     """No source could provide a dataset; the message lists what was tried."""
 
 
-class DatasetMissingError(FileNotFoundError):
+class DatasetMissingError(UserError, FileNotFoundError):
     """A dataset's files are not where load() looked; the message says how to get them."""
 
 
@@ -208,7 +208,8 @@ def _verify_folder(info: ImageDataset, folder: Path, verify: bool, fix: str) -> 
                 raise IDXError(
                     f"{path}: md5 of the uncompressed content is {got}, expected {want} for the original "
                     f"{info.name} file {base}; the file is corrupt or a different version. To fix: {fix} "
-                    "(or pass verify=False to accept a modified copy)."
+                    f"(to accept a modified copy: `sqs data fetch {info.name} --data-dir DIR --no-verify`; "
+                    "Python: verify=False)."
                 )
         out[base] = data
     for img, lbl in SPLITS.values():

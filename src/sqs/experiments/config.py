@@ -29,9 +29,14 @@ from typing import Any, Iterable, Mapping
 
 from sqs.core import load_toml
 from sqs.functional import canonical_gate
+from sqs.io import ConfigError
 
 KINDS = ("image", "lm")
 Overrides = Mapping[str, Any] | Iterable[str] | None
+
+
+class ConfigNotFound(ConfigError, FileNotFoundError):
+    """A config named by a name or path that does not exist (the message lists the shipped ones)."""
 
 
 class _TOMLText:
@@ -57,7 +62,7 @@ def loads_toml(text: str, where: str = "TOML") -> dict:
 
 def _folder(kind: str):
     if kind not in KINDS:
-        raise ValueError(f"unknown config kind {kind!r}; choose one of {', '.join(KINDS)}")
+        raise ConfigError(f"unknown config kind {kind!r}; choose one of {', '.join(KINDS)}")
     return resources.files("sqs") / "configs" / kind
 
 
@@ -83,11 +88,11 @@ def config_text(kind: str, name_or_path: str | Path) -> tuple[str, str]:
             return path.read_text(encoding="utf-8"), str(path)
         shipped = _folder(kind) / path.name
         if str(name_or_path) != path.name or not shipped.is_file():
-            raise FileNotFoundError(f"{kind} config file {path} does not exist")
+            raise ConfigNotFound(f"{kind} config file {path} does not exist")
         name_or_path = path.stem
     res = _folder(kind) / f"{name_or_path}.toml"
     if str(name_or_path).startswith("_") or not res.is_file():
-        raise FileNotFoundError(f"no {kind} config named {str(name_or_path)!r}; shipped configs: "
+        raise ConfigNotFound(f"no {kind} config named {str(name_or_path)!r}; shipped configs: "
                                 f"{', '.join(config_names(kind)) or '(none)'}; or give the path of a .toml file")
     return res.read_text(encoding="utf-8"), f"sqs/configs/{kind}/{name_or_path}.toml"
 
@@ -96,10 +101,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     """`key=value`; dotted keys reach into tables (`model.norm=rms`, `train.lr=3e-3`); the value
     is read as a TOML value (`0.1`, `true`, `[0.9, 0.99]`, `"x"`), falling back to a bare string."""
     if "=" not in text:
-        raise ValueError(f"override {text!r} is not of the form key=value (e.g. model.gate=sqs or train.lr=3e-3)")
+        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. --set model.gate=sqs or "
+                          "--set train.lr=3e-3)")
     key, raw = (s.strip() for s in text.split("=", 1))
     if not key:
-        raise ValueError(f"override {text!r} has an empty key")
+        raise ConfigError(f"override {text!r} has an empty key (write --set key=value)")
     try:
         value = loads_toml(f"v = {raw}")["v"]
     except ValueError:
@@ -125,7 +131,7 @@ def apply_overrides(d: dict, overrides: Overrides) -> dict:
         for p in parts[:-1]:
             nxt = node.setdefault(p, {})
             if not isinstance(nxt, dict):
-                raise ValueError(f"override {key!r}: {p!r} is not a table")
+                raise ConfigError(f"override {key!r}: {p!r} is not a table")
             node = nxt
         node[parts[-1]] = value
     return d

@@ -43,7 +43,9 @@ from sqs.data.tinystories import bits_per_byte
 from sqs.experiments.config import run_name  # noqa: F401 - `<gate>-s<seed>`
 from sqs.experiments.lm_config import SECTIONS, LMRunConfig, config_names, load_config  # noqa: F401
 from sqs.models.gpt import GPT, GPTConfig
+from sqs.io import ConfigError
 from sqs.training.checkpoint import load_checkpoint
+from sqs.training.rundir import NotARunDir, RunDirError
 from sqs.training.trainer import TrainConfig, prepare_run_dir, step_generator, train
 
 DATASET = "tinystories"
@@ -71,8 +73,8 @@ class LMTask:
         self.units_per_step = cfg.batch_size * cfg.context
         for name, arr in (("training", train_tokens), ("validation", val_tokens)):
             if len(arr) < self.ctx + 2:
-                raise ValueError(f"LMTask: the {name} split has {len(arr)} tokens, fewer than context + 2 "
-                                 f"({self.ctx + 2}); use a smaller `context` or more data")
+                raise ConfigError(f"LMTask: the {name} split has {len(arr)} tokens, fewer than context + 2 "
+                                  f"({self.ctx + 2}); use a smaller context (--set model.context=N) or more data")
         self.val_tokens_total, self.val_bytes_total = val_tokens_total, val_bytes_total
         g = torch.Generator().manual_seed(int(cfg.eval_seed))
         self.val_offsets = torch.randint(0, len(val_tokens) - self.ctx, (cfg.eval_windows,), generator=g)
@@ -81,7 +83,7 @@ class LMTask:
     def per_rank(self, world: int) -> int:
         per_micro = self.cfg.micro_batch
         if per_micro % world:
-            raise ValueError(f"LMTask: batch_size / grad_accum = {per_micro} sequences per micro-step does not "
+            raise ConfigError(f"LMTask: batch_size / grad_accum = {per_micro} sequences per micro-step does not "
                              f"split over {world} processes; choose batch_size, grad_accum and the process "
                              "count so that batch_size is divisible by grad_accum * processes")
         return per_micro // world
@@ -199,6 +201,9 @@ def run_lm(cfg: LMRunConfig, run_dir: str | os.PathLike, cache_dir: str | os.Pat
     takes its slice of every global batch; rank 0 evaluates and writes). Raises
     `TrainingDiverged` on a non-finite loss, keeping the last checkpoint.
     `cache_dir` and `device` are not part of the run's identity (config.json).
+
+    Everything is validated (config, schedule, model, the data against the context) before
+    anything is written to `run_dir`, so a refused start leaves nothing behind.
     """
     rank, world = dist_rank_world()
     run_dir = Path(run_dir)
@@ -206,7 +211,8 @@ def run_lm(cfg: LMRunConfig, run_dir: str | os.PathLike, cache_dir: str | os.Pat
     train_tok, val_tok, tstats, vstats, tok = _data(cfg, cache_dir, progress and rank == 0)
     vocab = tok.get_vocab_size()
     if vocab > cfg.vocab_size:
-        raise ValueError(f"tokenizer has {vocab} tokens, more than vocab_size={cfg.vocab_size}")
+        raise ConfigError(f"tokenizer has {vocab} tokens, more than vocab_size={cfg.vocab_size} "
+                          "(--set data.vocab_size=N)")
     p = plan(cfg, tstats["tokens"])
     model_cfg = GPTConfig(**cfg.model_kwargs(vocab))
     config = {
@@ -218,23 +224,24 @@ def run_lm(cfg: LMRunConfig, run_dir: str | os.PathLike, cache_dir: str | os.Pat
                  "train_stories": tstats["stories"], "valid_tokens": vstats["tokens"],
                  "valid_bytes": vstats["bytes"], "valid_stories": vstats["stories"]},
     }
+    tcfg = train_config(cfg, p)  # validate before you create: nothing below may fail after files appear
+    task = LMTask(train_tok, val_tok, cfg, vstats["tokens"], vstats["bytes"], device=dev)
+    task.per_rank(world)  # fail early if the batch does not split over the ranks
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_cfg).to(dev)
     if rank == 0:
         prepare_run_dir(run_dir, config)  # refuses a directory made with another config
         if not (run_dir / "tokenizer.json").exists():
             from sqs.io import atomic_write
 
             atomic_write(run_dir / "tokenizer.json", lambda q: tok.save(str(q)))
-    torch.manual_seed(cfg.seed)
-    model = GPT(model_cfg).to(dev)
     if cfg.compile:
         import torch._dynamo as dynamo
 
         dynamo.reset()  # a fresh model per run: do not pile up guards from earlier runs
         # In place, so parameter names, checkpoints and the trainer's DDP wrapper are unchanged.
         model.compile()
-    task = LMTask(train_tok, val_tok, cfg, vstats["tokens"], vstats["bytes"], device=dev)
-    task.per_rank(world)  # fail early if the batch does not split over the ranks
-    return train(model, task, train_config(cfg, p), run_dir, config=config, progress=progress,
+    return train(model, task, tcfg, run_dir, config=config, progress=progress,
                  desc=f"lm {cfg.gate} s{cfg.seed}", stop_after=stop_after)
 
 
@@ -259,18 +266,25 @@ def load_lm(run_dir: str | os.PathLike, device: str | None = "cpu", allow_checkp
     run_dir = Path(run_dir)
     cpath = run_dir / "config.json"
     if not cpath.exists():
-        raise FileNotFoundError(f"{run_dir} is not an LM run directory (no config.json)")
-    config = json.loads(cpath.read_text())
-    if config.get("kind") != "lm":
-        raise ValueError(f"{run_dir} is not a language-model run (config kind {config.get('kind')!r})")
+        what = "does not exist" if not run_dir.exists() else "is not an LM run directory (no config.json)"
+        raise NotARunDir(f"{run_dir} {what}; give a run directory made by `sqs train lm --run-dir DIR`")
+    try:
+        config = json.loads(cpath.read_text())
+    except (OSError, ValueError) as e:
+        raise RunDirError(f"{cpath} is not readable ({e}); restore it from a copy") from e
+    if not isinstance(config, dict) or config.get("kind") != "lm":
+        kind = config.get("kind") if isinstance(config, dict) else None
+        raise RunDirError(f"{run_dir} is not a language-model run (config kind {kind!r}); "
+                          "give the run directory of a `sqs train lm` run")
     cfg = LMRunConfig.from_dict(config["lm"])
     model = GPT(GPTConfig(**config["model"]))
     weights = run_dir / "model.safetensors"
     if not weights.exists():
         weights = run_dir / "checkpoint.safetensors"
         if not (allow_checkpoint and weights.exists()):
-            raise FileNotFoundError(f"{run_dir} has no trained weights yet (no model.safetensors"
-                                    f"{' or checkpoint.safetensors' if allow_checkpoint else ''})")
+            raise NotARunDir(f"{run_dir} has no trained weights yet (no model.safetensors"
+                             f"{' or checkpoint.safetensors' if allow_checkpoint else ''}); train it first "
+                             f"(`sqs train lm --run-dir {run_dir} ...`)")
     meta = load_checkpoint(weights, model)
     model.to(resolve_device(device)).eval()
     tok_path = run_dir / "tokenizer.json"
@@ -289,6 +303,12 @@ def generate_text(lm: LoadedLM, prompt: str, max_new_tokens: int = 200, temperat
                   top_k: int | None = None, seed: int = 0, stop_at_eot: bool = True) -> str:
     """Continue `prompt` (the story start; an <|endoftext|> is put before it, as every story
     follows one in the training stream). Deterministic for (run, prompt, settings, seed)."""
+    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
+        raise ConfigError(f"generate: `max_new_tokens` must be an int >= 1, got {max_new_tokens!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"generate: `temperature` must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+        raise ConfigError(f"generate: `top_k` must be an int >= 1 or None (all tokens), got {top_k!r}")
     eot = lm.eot_id
     dev = next(lm.model.parameters()).device
     ids = ([eot] if eot is not None else []) + lm.tokenizer.encode(prompt, add_special_tokens=False).ids

@@ -8,12 +8,14 @@ Where each key sits in a TOML file is `SECTIONS`; overrides use the same dotted 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import asdict, dataclass, field
 
 from sqs.experiments import config as _config
 from sqs.experiments.config import config_name
-from sqs.functional import canonical_gate
+from sqs.functional import canonical_gate, gate_fn
+from sqs.io import ConfigError
 from sqs.models.gpt import GPTConfig
 
 #: Where each LMRunConfig field sits in a TOML config (top-level fields: name, gate, gate_kwargs, seed).
@@ -71,22 +73,50 @@ class LMRunConfig:
     checkpoint_every: int = 0  # 0 = at every evaluation
 
     def __post_init__(self):
+        """Every setting is checked here, before any file is written (ConfigError naming the key)."""
+        try:
+            self._validate()
+        except (ValueError, TypeError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"LMRunConfig: {e}") from e
+
+    def _validate(self) -> None:
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise ConfigError(f"LMRunConfig: `{name}` must be {rule}, got {getattr(self, name)!r}")
+
+        def number(x) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
         self.gate = canonical_gate(self.gate)
         self.gate_kwargs = dict(self.gate_kwargs or {})
         self.betas = tuple(float(b) for b in self.betas)
         n_len = sum(x is not None for x in (self.epochs, self.tokens, self.steps))
         if n_len != 1:
-            raise ValueError("LMRunConfig: set exactly one of `epochs`, `tokens`, `steps` "
-                             f"(got epochs={self.epochs}, tokens={self.tokens}, steps={self.steps})")
+            raise ConfigError("LMRunConfig: set exactly one of `epochs`, `tokens`, `steps` "
+                              f"(got epochs={self.epochs}, tokens={self.tokens}, steps={self.steps})")
+        if self.epochs is not None:
+            need(number(self.epochs) and self.epochs > 0, "epochs", "a finite number > 0")
+        for name in ("tokens", "steps"):
+            if getattr(self, name) is not None:
+                need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "an int > 0")
         for name in ("batch_size", "grad_accum", "context", "eval_windows", "eval_batch", "eval_points"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"LMRunConfig: `{name}` must be > 0, got {getattr(self, name)}")
+            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "an int > 0")
+        need(isinstance(self.seed, int) and self.seed >= 0, "seed", "an int >= 0")
+        need(number(self.lr) and self.lr > 0, "lr", "a finite number > 0")
+        need(number(self.min_lr) and 0 <= self.min_lr <= self.lr, "min_lr", "a number in [0, lr]")
+        need(number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a finite number >= 0")
+        need(number(self.grad_clip) and self.grad_clip >= 0, "grad_clip", "a finite number >= 0 (0 = off)")
+        need(number(self.warmup_frac) and 0 <= self.warmup_frac < 1, "warmup_frac", "a number in [0, 1)")
+        need(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "warmup_steps", "an int >= 0")
         if self.batch_size % self.grad_accum:
-            raise ValueError(f"LMRunConfig: `batch_size` ({self.batch_size}) must be divisible by "
-                             f"`grad_accum` ({self.grad_accum})")
+            raise ConfigError(f"LMRunConfig: `batch_size` ({self.batch_size}) must be divisible by "
+                              f"`grad_accum` ({self.grad_accum})")
         if self.amp not in ("none", "bf16"):
-            raise ValueError(f"LMRunConfig: `amp` must be 'none' or 'bf16', got {self.amp!r}")
+            raise ConfigError(f"LMRunConfig: `amp` must be 'none' or 'bf16', got {self.amp!r}")
         GPTConfig(**self.model_kwargs(self.vocab_size))  # validate the model part now
+        gate_fn(self.gate, **self.gate_kwargs)  # and the gate's parameters (p > 0, lam >= 0, ...)
 
     def model_kwargs(self, vocab_size: int) -> dict:
         return dict(vocab_size=int(vocab_size), n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads,
@@ -120,7 +150,7 @@ class LMRunConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(flat) - known)
         if unknown:
-            raise ValueError(f"LMRunConfig: unknown key(s) {unknown}; valid keys: {sorted(known)}")
+            raise ConfigError(f"LMRunConfig: unknown key(s) {unknown}; valid keys: {sorted(known)}")
         return cls(**flat)
 
     def replace(self, **changes) -> "LMRunConfig":
@@ -139,12 +169,12 @@ def _field_of(key: str, where: str = "LM config") -> str:
     name, section = parts[-1], ".".join(parts[:-1])
     known = {f.name for f in dataclasses.fields(LMRunConfig)}
     if name not in known and key != "description":
-        raise ValueError(f"{where}: unknown key {key!r}; valid keys: "
+        raise ConfigError(f"{where}: unknown key {key!r}; valid keys: "
                          + ", ".join(sorted(f"{_SECTION_OF[k]}.{k}" if k in _SECTION_OF else k for k in known)))
     want = _SECTION_OF.get(name, "")
     if section != want:
         fix = f"{want}.{name}" if want else name
-        raise ValueError(f"{where}: key {key!r} belongs {'in [' + want + ']' if want else 'at the top level'}; "
+        raise ConfigError(f"{where}: key {key!r} belongs {'in [' + want + ']' if want else 'at the top level'}; "
                          f"write it as {fix}")
     return name
 
@@ -176,7 +206,7 @@ def load_config(name_or_path: str | os.PathLike = "tinystories-cpu", overrides: 
     try:
         cfg = LMRunConfig.from_toml(d, where)
     except TypeError as e:
-        raise ValueError(f"{where}: {e}") from e
+        raise ConfigError(f"{where}: {e}") from e
     upd = {_field_of(k, "override"): v for k, v in _config.override_items(overrides)}
     upd.update({k: v for k, v in changes.items() if v is not None})
     return cfg.replace(**upd) if upd else cfg

@@ -54,7 +54,7 @@ def run_experiment(config: str | os.PathLike = "tinystories-cpu", out: str | os.
     if not report_only:
         for i, (gate, seed) in enumerate(todo):
             rd = run_dir(runs_dir, base.name, DATASET, gate, seed)
-            if is_complete(rd):
+            if is_complete(rd, verify=True):
                 if rank == 0:
                     print(f"[{i + 1}/{len(todo)}] {rd}: finished, skipped", file=sys.stderr)
                 continue

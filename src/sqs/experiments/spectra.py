@@ -60,7 +60,7 @@ def train_one(dataset: str, gate: str, seed: int, epochs: int, run_dir: str | Pa
 
 
 def is_finished(run_dir: str | Path) -> bool:
-    return is_complete(run_dir)
+    return is_complete(run_dir, verify=True)
 
 
 def load_run(run_dir: str | Path):

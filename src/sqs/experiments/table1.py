@@ -33,7 +33,8 @@ from sqs.experiments.config import check_no_legacy, config_name, run_dir
 from sqs.experiments.image import ImageRunConfig, load_config, run_image
 from sqs.experiments.style import DATASET_ORDER, GATES
 from sqs.functional import canonical_gate
-from sqs.io import atomic_write
+from sqs.io import ConfigError, atomic_write
+from sqs.training.rundir import RunConfigMismatch, canonical_config, has_started
 from sqs.training.trainer import is_complete
 
 
@@ -67,29 +68,41 @@ def plan_grid(runs_dir: str | Path, datasets: Sequence[str] = DATASET_ORDER, gat
                 ov = list(overrides) + [f"dataset={json.dumps(ds)}", f"model.gate={json.dumps(gate)}", f"seed={seed}"]
                 if epochs is not None:
                     ov.append(f"epochs={epochs}")
-                cfg = load_config(config, ov)
+                try:
+                    cfg = load_config(config, ov)
+                except ConfigError:
+                    raise
+                except (ValueError, TypeError) as e:  # the user's config or flags
+                    raise ConfigError(str(e)) from e
                 specs.append(RunSpec(ds, gate, seed, run_dir(runs_dir, config, ds, gate, seed), cfg))
     return specs
 
 
 def check_existing(specs: Sequence[RunSpec]) -> None:
-    """Refuse to mix runs made with another config into the grid (before anything starts)."""
+    """Refuse to mix runs made with another config into the grid (before anything starts).
+
+    A directory that never trained (no checkpoint, no final weights: a refused start) is not
+    a run to protect: the trainer sets its files aside and starts it with the new config."""
     bad = []
     for s in specs:
         check_no_legacy(s.run_dir.parents[2], s.run_dir.parents[1].name, s.dataset, s.gate, s.seed)
         path = s.run_dir / "config.json"
-        if path.exists():
-            old = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("kind", "resolved")}
-            if isinstance(old.get("model"), dict) and "gate" in old["model"]:  # written before the renaming
-                old["model"]["gate"] = canonical_gate(old["model"]["gate"])
-            new = s.cfg.to_dict()
+        if path.exists() and has_started(s.run_dir):
+            try:
+                stored = json.loads(path.read_text())
+            except (OSError, ValueError) as e:
+                bad.append(f"{s.run_dir} (config.json unreadable: {e})")
+                continue
+            old = canonical_config({k: v for k, v in stored.items() if k not in ("kind", "resolved")})
+            new = canonical_config(s.cfg.to_dict())
             if old != new:
                 diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
                 bad.append(f"{s.run_dir} (differs in: {', '.join(diff)})")
     if bad:
-        raise ValueError("these run directories were made with a different config:\n  " + "\n  ".join(bad[:10])
-                         + ("\n  ..." if len(bad) > 10 else "")
-                         + "\nchoose another --runs-dir (or delete them to start over)")
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise RunConfigMismatch(f"{len(bad)} run director{'y was' if len(bad) == 1 else 'ies were'} made with a "
+                                f"different config: {'; '.join(bad[:3])}{more}; choose another --runs-dir "
+                                "(or move them away to start over)")
 
 
 def default_workers() -> int:
@@ -145,7 +158,7 @@ def run_grid(specs: Sequence[RunSpec], workers: int = 2, threads: int = 1, cache
     from tqdm.auto import tqdm
 
     check_existing(specs)
-    todo = [s for s in specs if not is_complete(s.run_dir)]
+    todo = [s for s in specs if not is_complete(s.run_dir, verify=True)]
     summary = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "n_runs": len(specs), "n_skipped": len(specs) - len(todo),
                "n_trained": 0, "workers": 0, "threads": threads, "failed": [], "runs": {}}
     t0 = time.perf_counter()

@@ -198,7 +198,15 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
             for k, t in optim_state.items():
                 i, name = k.split(".", 1)
                 per_param.setdefault(int(i), {})[name] = t
+            names = {frozenset(s) for s in per_param.values()}
+            if len(names) > 1:
+                raise ValueError(f"parameters hold different optimizer state names: {sorted(map(sorted, names))[:2]}")
+            need = {"step", "exp_avg", "exp_avg_sq"} if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) else set()
+            if names and need - set(next(iter(names))):
+                raise ValueError(f"Adam state without {sorted(need - set(next(iter(names))))}")
             for i, state in per_param.items():
+                if not 0 <= i < len(params):
+                    raise ValueError(f"optimizer state {i} for a model with {len(params)} parameters")
                 p = params[i]
                 for n, t in state.items():
                     if n != "step" and t.shape != p.shape:

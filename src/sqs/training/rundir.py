@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from sqs.core import canonical_gate
 from sqs.io import DataWarning, UserError, append_jsonl, read_jsonl, write_json
 
 CONFIG = "config.json"
@@ -41,6 +42,10 @@ ALLOWED_CHANGES = ("lr", "min_lr", "grad_clip")
 
 class RunDirError(UserError):
     """A run directory that cannot be used as asked (another config, another writer, ...)."""
+
+
+class NotARunDir(RunDirError, FileNotFoundError):
+    """A path given as a run directory that has no run in it (no config.json, or no weights yet)."""
 
 
 class RunLocked(RunDirError):
@@ -237,6 +242,24 @@ def _leaves(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: obj}
 
 
+def canonical_config(obj: Any) -> Any:
+    """A config with every `gate` value under its paper name (`identity` -> `bilinear`,
+    `silu` -> `swiglu`): runs made before the renaming compare equal to today's."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if k == "gate" and isinstance(v, str):
+                try:
+                    v = canonical_gate(v)
+                except ValueError:
+                    pass
+            out[k] = canonical_config(v)
+        return out
+    if isinstance(obj, list):
+        return [canonical_config(v) for v in obj]
+    return obj
+
+
 def config_diff(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
     """(dotted key, old, new) for every leaf that differs."""
     a, b = _leaves(old), _leaves(new)
@@ -287,13 +310,15 @@ def prepare_run_dir(run_dir: str | Path, config: dict, allow_changes: Iterable[s
                 raise RunDirError(f"{path} is damaged ({e}); restore it from a copy, or use another run "
                                   "directory") from e
             old = None
-        if old == new:
+        if old is not None:
+            old = canonical_config(old)
+        if old == canonical_config(new):
             return run_dir
         if not has_started(run_dir):
             _set_aside_unstarted(run_dir)
             write_json(path, new)
             return run_dir
-        diffs = config_diff(old, new)
+        diffs = config_diff(old, canonical_config(new))
         refused = [d for d in diffs if d[0].rsplit(".", 1)[-1] not in allowed]
         if refused:
             keys = [d[0] for d in refused]

@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from sqs.io import DataWarning, UserError, append_jsonl, read_jsonl, scan_jsonl, write_text
+from sqs.io import ConfigError, DataWarning, append_jsonl, read_jsonl, scan_jsonl, write_text
 from sqs.training.checkpoint import (
     CheckpointCorrupt,
     NonFiniteState,
@@ -87,10 +87,6 @@ class TrainingDiverged(RuntimeError):
         super().__init__(message)
         self.step = step
         self.checkpoint_step = checkpoint_step
-
-
-class ConfigError(UserError, ValueError):
-    """A training setting out of range (the message names it and the valid range)."""
 
 
 def _finite_number(x: Any) -> bool:
@@ -201,9 +197,20 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return read_jsonl(Path(run_dir) / METRICS)
 
 
-def is_complete(run_dir: str | Path) -> bool:
+def is_complete(run_dir: str | Path, verify: bool = False) -> bool:
+    """True for a finished run: a final metrics record and final weights. With `verify` the
+    weights must also match their sha256: experiment loops pass it, so they re-run (and
+    `train` repairs) a finished run whose model.safetensors is damaged instead of skipping it;
+    reports, which read only the metrics, need not."""
     run_dir = Path(run_dir)
-    return (run_dir / MODEL).exists() and any(m.get("final") for m in read_metrics(run_dir))
+    if not (run_dir / MODEL).exists() or not any(m.get("final") for m in read_metrics(run_dir)):
+        return False
+    if verify:
+        try:
+            verify_checkpoint(run_dir / MODEL)
+        except CheckpointCorrupt:
+            return False
+    return True
 
 
 def _note(run_dir: Path, message: str, event: str, **fields: Any) -> None:
@@ -266,6 +273,9 @@ def _resume_from(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.O
                 continue
         try:
             meta = load_checkpoint(path, model, optimizer)
+            step = meta.get("step")
+            if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+                raise CheckpointCorrupt(f"checkpoint {path} has no valid `step` in its metadata (got {step!r})")
         except CheckpointCorrupt as e:
             to = move_aside(path, "damaged")
             damaged.append(f"{path.name} (kept as {to.name})")

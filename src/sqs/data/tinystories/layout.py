@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterator
 
 from sqs.data.cache import cache_dir as _cache_root
+from sqs.io import UserError
 
 EOT = "<|endoftext|>"
 JOINER = f"\n{EOT}\n"
@@ -18,7 +19,7 @@ FROM_HINT = ("pass a folder of TinyStories .txt/.txt.gz files instead: "
              "`sqs data fetch tinystories --from DIR` (or fetch(src=DIR))")
 
 
-class TinyStoriesError(ValueError):
+class TinyStoriesError(UserError, ValueError):
     """The TinyStories input or cache is unusable. The message names the file and the fix."""
 
 

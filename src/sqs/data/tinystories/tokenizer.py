@@ -72,6 +72,7 @@ def load_tokenizer(cache_dir: str | os.PathLike | None = None, vocab_size: int =
     check_vocab(vocab_size)
     path, _ = tok_paths(cache_dir, vocab_size)
     if not path.exists():
-        raise TinyStoriesError(f"{path}: no tokenizer yet. To fix: run sqs.data.tinystories.prepare("
-                               f"vocab_size={vocab_size}) or `sqs data fetch tinystories --from DIR`.")
+        raise TinyStoriesError(f"{path}: no tokenizer yet. To fix: `sqs data fetch tinystories --from DIR "
+                               f"--vocab-size {vocab_size}` (Python: sqs.data.tinystories.prepare(vocab_size="
+                               f"{vocab_size})).")
     return Tokenizer.from_file(str(path))
