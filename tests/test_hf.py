@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from sqs.integrations import transformers as sqs_hf  # noqa: E402
 from sqs.nn import SQS  # noqa: E402
-from sqs.ops import sqs_glu  # noqa: E402
+from sqs.ops import sqs_glu, sqs_glu_packed  # noqa: E402
 
 # Odd sizes on purpose: hidden 20 (2 heads of 10), intermediate 37, vocab 61, sequences of 7.
 TINY = dict(hidden_size=20, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
@@ -85,8 +85,8 @@ def test_patched_matches_library_forward_fp32(family, monkeypatch):
         pytest.skip(f"{family} not in this transformers")
     ref_model = with_sqs_act(tiny_model(family), family, **PARAMS)
     model = copy.deepcopy(ref_model)
-    x = tokens()
-    ref = loss_and_grads(ref_model, x)  # classes not patched yet: the library's forward
+    x, x1 = tokens(), tokens(batch=1, seq=5)  # 21 tokens >= 20 features: packed matmul; 5: two matmuls
+    ref, ref1 = loss_and_grads(ref_model, x), loss_and_grads(ref_model, x1)  # classes unpatched: library forward
 
     sqs_hf.apply_sqs(model)
     assert model.state_dict().keys() == ref_model.state_dict().keys()
@@ -94,20 +94,24 @@ def test_patched_matches_library_forward_fp32(family, monkeypatch):
     mlp = model.model.layers[0].mlp
     assert getattr(mlp, act_attr(family)).c == PARAMS["c"] and mlp._sqs_fused
     calls = []
-    monkeypatch.setattr(sqs_hf, "sqs_glu", lambda *a: calls.append(1) or sqs_glu(*a))
+    monkeypatch.setattr(sqs_hf, "sqs_glu", lambda *a: calls.append("split") or sqs_glu(*a))
+    monkeypatch.setattr(sqs_hf, "sqs_glu_packed", lambda *a: calls.append("packed") or sqs_glu_packed(*a))
     assert_same_run(ref, loss_and_grads(model, x), rtol=1e-5, atol=1e-6)
-    assert len(calls) == TINY["num_hidden_layers"]  # the fused op ran in every MLP
+    assert_same_run(ref1, loss_and_grads(model, x1), rtol=1e-5, atol=1e-6)
+    n = TINY["num_hidden_layers"]
+    assert calls == ["packed"] * n + ["split"] * n  # the fused op ran in every MLP, on both paths
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3"])
 def test_patched_matches_library_forward_bf16_and_general_p(family):
-    """bf16 (the fused op rounds once, the library's product rounds twice) and p != 1 (the general kernel).
+    """bf16 (the fused op rounds once, the library's product rounds twice), p != 1 (the general kernel) and,
+    for Llama, MLP biases (mlp_bias=True: the packed matmul joins the biases too).
 
     bf16 tolerance: 2e-2 relative/absolute on logits and gradients, ~3 bf16 ulps at these scales.
     """
     params = {"c": 0.02, "lam": 0.4, "p": 1.5}
     x = tokens()
-    ref32 = with_sqs_act(tiny_model(family), family, **params)
+    ref32 = with_sqs_act(tiny_model(family, **({"mlp_bias": True} if family == "llama" else {})), family, **params)
     ref16 = copy.deepcopy(ref32).to(torch.bfloat16)
     want32, want16 = loss_and_grads(ref32, x), loss_and_grads(ref16, x)
 

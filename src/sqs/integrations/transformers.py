@@ -4,8 +4,9 @@ A Llama-style MLP computes ``down(act(gate(x)) * up(x))``. Setting ``act`` to
 `sqs.nn.SQS` gives the SQS-GLU but evaluates the product unfused (the gate's
 output and the product each take a pass over memory, and autograd keeps them).
 This module makes those MLPs call the fused op instead, ``down(sqs_glu(up(x),
-gate(x)))``, with the same parameters and state-dict keys (Liger-Kernel's idea,
-for the SQS gate):
+gate(x)))`` (in training with up and gate in one matmul feeding the packed op,
+`sqs.ops.sqs_glu_packed`), with the same parameters and state-dict keys
+(Liger-Kernel's idea, for the SQS gate):
 
     from sqs.integrations.transformers import register, apply_sqs, to_sqs
     register()                                   # hidden_act="sqs" builds fused SQS models
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 try:
@@ -54,7 +56,7 @@ from packaging.version import InvalidVersion, Version
 
 from sqs.functional import DEFAULT_C, DEFAULT_LAM, DEFAULT_P, check_sqs_params, sqs
 from sqs.nn import SQS
-from sqs.ops import sqs_glu
+from sqs.ops import sqs_glu, sqs_glu_packed
 
 #: The name used in ``config.hidden_act``.
 SQS_NAME = "sqs"
@@ -161,16 +163,57 @@ def _gated(w: torch.Tensor, v: torch.Tensor, act: SQS) -> torch.Tensor:
     return sqs_glu(w, v, act.c, act.lam, act.p)
 
 
+def _gated_packed(x: torch.Tensor, act: SQS) -> torch.Tensor:
+    """`_gated` for x = [w | v] straight out of one projection."""
+    if torch.compiler.is_compiling():
+        w, v = x.chunk(2, dim=-1)
+        return w * sqs(v, act.c, act.lam, act.p)
+    return sqs_glu_packed(x, act.c, act.lam, act.p)
+
+
+def _plain_linear(*mods: nn.Module) -> bool:
+    # Exactly nn.Linear: a LoRA, quantised or otherwise wrapped layer must run its own forward.
+    return all(type(m) is nn.Linear for m in mods)
+
+
+def _pack_rows(x: torch.Tensor, w_first: torch.Tensor, w_second: torch.Tensor,
+               b_first: torch.Tensor | None, b_second: torch.Tensor | None) -> torch.Tensor:
+    """x @ [W1; W2].T (+ [b1; b2]): both branches from one matmul, output laid out [first | second]."""
+    bias = None if b_first is None else torch.cat([b_first, b_second])
+    return F.linear(x, torch.cat([w_first, w_second]), bias)
+
+
+def _sqs_mlp(self, x: torch.Tensor, fam: Family, act: SQS) -> torch.Tensor:
+    """down(sqs_glu(up(x), gate(x))), with up and gate in one matmul when that is cheaper.
+
+    Why pack: one matmul yields [up | gate] = [w | v], the packed op reads it in place and
+    returns its gradient in one piece, and backward then needs one matmul for x's gradient
+    instead of two and a sum. The price is a copy of the two weight matrices per call,
+    small against the activations once there are at least as many tokens as input
+    features (training); with fewer (decoding one token) the two matmuls run as they are.
+    """
+    rows = x.numel() // max(x.shape[-1], 1)
+    if fam.packed:
+        proj = self.gate_up_proj
+        if rows >= x.shape[-1] and _plain_linear(proj):  # Phi-3 packs [gate | up]: swap to [up | gate]
+            h = proj.out_features // 2
+            b = proj.bias
+            return self.down_proj(_gated_packed(_pack_rows(
+                x, proj.weight[h:], proj.weight[:h], None if b is None else b[h:], None if b is None else b[:h]), act))
+        v, w = proj(x).chunk(2, dim=-1)
+        return self.down_proj(_gated(w, v, act))
+    up, gate = self.up_proj, self.gate_proj
+    if rows >= x.shape[-1] and _plain_linear(up, gate):
+        return self.down_proj(_gated_packed(_pack_rows(x, up.weight, gate.weight, up.bias, gate.bias), act))
+    return self.down_proj(_gated(up(x), gate(x), act))
+
+
 def _make_forward(fam: Family, original: Callable) -> Callable:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = getattr(self, fam.act)
         if not isinstance(act, SQS) or not getattr(self, "_sqs_fused", True):
             return original(self, x)
-        if fam.packed:
-            v, w = self.gate_up_proj(x).chunk(2, dim=-1)  # Phi-3 packs [gate | up]: the gate (v) comes first
-        else:
-            w, v = self.up_proj(x), self.gate_proj(x)
-        return self.down_proj(_gated(w, v, act))
+        return _sqs_mlp(self, x, fam, act)
 
     forward.__doc__ = f"down(sqs_glu(up(x), gate(x))) when `{fam.act}` is SQS, else the original forward."
     return forward
