@@ -276,3 +276,14 @@ def test_to_sqs_gelu_phi3():
         sqs_hf.to_sqs(model)
     assert isinstance(model.model.layers[0].mlp.activation_fn, SQS)
     assert model.config.hidden_act == "sqs"
+
+
+def test_bench_hf_tiny():
+    from sqs.bench.hf import HF_VARIANTS, bench_hf, format_hf_table
+
+    res = bench_hf(batch=2, seq=8, layers=1, d_model=16, intermediate=24, heads=2, vocab=32, reps=1, warmup=1)
+    assert [r.name for r in res] == list(HF_VARIANTS) and all(r.median_s > 0 and r.cpu_s > 0 for r in res)
+    table = format_hf_table(res, layers=1, d_model=16, intermediate=24, vocab=32)
+    assert "| swiglu: SwiGLU (hidden_act='silu') |" in table and "16 tokens per step" in table
+    with pytest.raises(ValueError, match="d_model \\(16\\) must be a multiple of heads \\(3\\)"):
+        bench_hf(d_model=16, heads=3)

@@ -82,6 +82,13 @@ def bench_hf(batch: int = 8, seq: int = 256, layers: int = 4, d_model: int = 256
     `warmup` steps per variant come first: the fused op compiles its kernels on first use
     (about 15 s, then cached on disk), which must not land in the timed steps.
     """
+    sizes = {"batch": batch, "seq": seq, "layers": layers, "d_model": d_model, "intermediate": intermediate,
+             "heads": heads, "vocab": vocab, "reps": reps}
+    for name, val in sizes.items():
+        if not isinstance(val, int) or val <= 0:
+            raise ValueError(f"bench_hf: `{name}` must be a positive int, got {val!r}")
+    if d_model % heads:
+        raise ValueError(f"bench_hf: d_model ({d_model}) must be a multiple of heads ({heads})")
     register()
     torch.manual_seed(0)
     base = _llama("silu", layers, d_model, intermediate, heads, vocab, seq)
