@@ -10,11 +10,11 @@ from __future__ import annotations
 import statistics
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from dataclasses import dataclass
 
 from sqs.bench.ops import BenchResult
 from sqs.integrations.transformers import apply_sqs, register
