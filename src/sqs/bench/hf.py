@@ -15,7 +15,6 @@ from typing import Callable
 
 import torch
 
-
 from sqs.bench.ops import BenchResult
 from sqs.integrations.transformers import apply_sqs, register
 
