@@ -89,6 +89,18 @@ def _lm(args) -> int:
     return 0
 
 
+def _hf(args) -> int:
+    from sqs.bench.hf import bench_hf, format_hf_table
+
+    res = bench_hf(batch=args.batch, seq=args.seq, layers=args.layers, d_model=args.d_model,
+                   intermediate=args.intermediate, vocab=args.vocab, reps=args.reps)
+    table = format_hf_table(res, layers=args.layers, d_model=args.d_model, intermediate=args.intermediate,
+                            vocab=args.vocab)
+    print(table)
+    _write(args.out, "sqs bench hf", [table])
+    return 0
+
+
 def register(sub, groups) -> None:
     p = groups["bench"].add_parser("ops", help="gate op forward+backward time and peak memory, ratios to SwiGLU in plain PyTorch")
     p.add_argument("--numel", type=positive_int, nargs="+", default=[8 * 2**20], help="elements per tensor (default 8M)")
@@ -124,3 +136,15 @@ def register(sub, groups) -> None:
     p.add_argument("--reps", type=REPS, default=12)
     p.add_argument("--out", help="also write the table to this markdown file")
     p.set_defaults(func=_lm)
+
+    p = groups["bench"].add_parser("hf", help="Hugging Face Llama training step: SwiGLU vs SQS unfused (act_fn) vs "
+                                              "apply_sqs (fused); needs the hf extra: pip install 'sqs[hf]'")
+    p.add_argument("--batch", type=positive_int, default=8, help="sequences per step")
+    p.add_argument("--seq", type=positive_int, default=256, help="tokens per sequence")
+    p.add_argument("--layers", type=positive_int, default=4)
+    p.add_argument("--d-model", type=positive_int, default=256)
+    p.add_argument("--intermediate", type=positive_int, default=688)
+    p.add_argument("--vocab", type=positive_int, default=2048)
+    p.add_argument("--reps", type=REPS, default=10)
+    p.add_argument("--out", help="also write the table to this markdown file")
+    p.set_defaults(func=_hf)
