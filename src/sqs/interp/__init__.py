@@ -31,3 +31,25 @@ def write_report(run_dirs, out_dir, dataset=None, **kwargs):
     from sqs.interp.report import write_report as _w
 
     return _w(run_dirs, out_dir, dataset, **kwargs)
+from sqs.interp.lm_quadratic import (  # noqa: F401,E402
+    GAIN_READING,
+    LayerInputs,
+    Spectrum,
+    direct_contribution,
+    direction_matrices,
+    direction_matrix,
+    direction_norms,
+    eig_signed,
+    glu_weights,
+    layer_inputs,
+    lm_fidelity,
+    max_activating,
+    mean_inv_rms,
+    orient,
+    read_tokens,
+    split_windows,
+    token_directions,
+    token_id,
+    token_inputs,
+    top_promoted,
+)
