@@ -219,6 +219,8 @@ def test_max_activating_finds_the_planted_positions_and_marks_the_token():
     assert ex[0].value == pytest.approx(5.0) and ex[0].text == "mn«o»p"  # idx[1, 2:6] = 12..15
     neg = max_activating(n, q, idx, k=1, side="negative", decode=letters, before=2, after=1)
     assert (neg[0].window, neg[0].position, neg[0].text) == (0, 0, "«a»b")
+    both = max_activating(n, q, idx, k=2, side="abs", decode=letters)
+    assert [(e.window, e.position, e.value) for e in both] == [(1, 4, 5.0), (0, 0, -4.0)]
 
 
 # --------------------------------------------------------------------------- layer inputs on a GPT

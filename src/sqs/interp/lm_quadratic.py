@@ -329,14 +329,15 @@ def max_activating(n: torch.Tensor, q: torch.Tensor, idx: torch.Tensor, k: int =
                    decode=None, before: int = 12, after: int = 4) -> list[Example]:
     """The k positions of token windows idx (B, T) whose real layer inputs n (B, T, d) project most on q.
 
-    side="negative": the most negative projections. Each example carries a text rendering with
-    the token marked «token» and `before`/`after` tokens of context."""
+    side="negative": the most negative projections; side="abs": the largest |q . n|, i.e. the largest
+    |lam (q . n)^2| term, since the quadratic form does not see the sign of q . n. Each example carries
+    a text rendering with the token marked «token» and `before`/`after` tokens of context."""
     if n.shape[:2] != idx.shape:
         raise ValueError(f"max_activating: n {tuple(n.shape)} and idx {tuple(idx.shape)} disagree on (B, T)")
-    if side not in ("positive", "negative"):
-        raise ValueError(f"max_activating: `side` must be 'positive' or 'negative', got {side!r}")
+    if side not in ("positive", "negative", "abs"):
+        raise ValueError(f"max_activating: `side` must be 'positive', 'negative' or 'abs', got {side!r}")
     proj = n.to(F64) @ q.to(F64)  # (B, T)
-    flat = proj.reshape(-1) if side == "positive" else -proj.reshape(-1)
+    flat = {"positive": proj, "negative": -proj, "abs": proj.abs()}[side].reshape(-1)
     top = flat.topk(min(k, flat.numel())).indices
     T = idx.shape[1]
     out = []
