@@ -46,3 +46,25 @@ from sqs.interp.spectra import (  # noqa: F401
     surrogate_terms,
 )
 
+from sqs.interp.lm_quadratic import GAIN_READING as LM_GAIN_READING  # noqa: F401,E402
+from sqs.interp.lm_quadratic import (  # noqa: F401,E402
+    LayerInputs,
+    Spectrum,
+    direct_contribution,
+    direction_matrices,
+    direction_matrix,
+    direction_norms,
+    eig_signed,
+    glu_weights,
+    layer_inputs,
+    lm_fidelity,
+    max_activating,
+    mean_inv_rms,
+    orient,
+    read_tokens,
+    split_windows,
+    token_directions,
+    token_id,
+    token_inputs,
+    top_promoted,
+)
