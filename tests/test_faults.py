@@ -327,6 +327,18 @@ def test_nan_with_grad_clip_on_does_not_advise_enabling_it(tmp_path):
     assert "clipping" not in msg and "--allow-change grad_clip" not in msg and e.value.checkpoint_step == 4
 
 
+def test_nan_after_blown_up_weights_says_start_over_not_resume(tmp_path):
+    """A checkpoint whose weights already exploded is not offered as a good place to resume."""
+    with pytest.raises(TrainingDiverged) as e:
+        run(tmp_path / "run", LinearTask(inf_at=10), make_cfg(lr=1e6, weight_decay=0.0))
+    msg = str(e.value)
+    assert "at step 10" in msg and "start over" in msg and "times larger than at the start" in msg
+    assert "allow that change" not in msg  # the lr-change-and-resume advice would diverge again
+    with pytest.raises(TrainingDiverged) as e:  # a sane lr keeps the resume advice
+        run(tmp_path / "sane", LinearTask(inf_at=10), make_cfg())
+    assert "start over" not in str(e.value) and "--allow-change lr" in str(e.value)
+
+
 def test_non_finite_weights_are_not_kept_as_good(tmp_path):
     d = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match=r"weight became inf or NaN at step 8.*step 4\)") as e:

@@ -293,8 +293,18 @@ def _resume_from(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.O
     return None
 
 
+#: A checkpoint whose largest |weight| has grown more than this many times since the run's start
+#: is named as probably diverged too: resuming from it with a lower lr rarely helps.
+GROWTH_SUSPECT = 1e3
+
+
+def _max_abs(model: torch.nn.Module) -> float:
+    with torch.no_grad():
+        return max((float(p.detach().abs().max()) for p in model.parameters() if p.numel()), default=0.0)
+
+
 def _diverged(run_dir: Path, what: str, step: int, ckpt_step: int | None, prev_step: int | None,
-              grad_clip: float) -> TrainingDiverged:
+              grad_clip: float, growth: dict[int, float] | None = None) -> TrainingDiverged:
     """A TrainingDiverged whose message is true: the step, the checkpoint a resume would
     use (or that there is none), and a fix that works on resume. Recorded in history."""
     if ckpt_step is None:
@@ -312,6 +322,12 @@ def _diverged(run_dir: Path, what: str, step: int, ckpt_step: int | None, prev_s
     fix = f"lower the learning rate and allow that change with {change_hint(['lr'])}"
     if grad_clip <= 0:
         fix += f", or enable gradient clipping (grad_clip > 0, allowed with {change_hint(['grad_clip'])})"
+    g = (growth or {}).get(resume) if resume is not None else None
+    if g is not None and g > GROWTH_SUSPECT:
+        fix = (f"start over: the weights of the step-{resume} checkpoint are already {g:.0e} times larger than at "
+               "the start, so it has probably diverged too and a lower lr from there rarely helps; move the run "
+               "directory away (or use a new --run-dir) and start with a lower learning rate"
+               + (" or gradient clipping (grad_clip > 0)" if grad_clip <= 0 else ""))
     msg = (f"{what} at step {step} in {run_dir}: {have}. Re-running unchanged repeats the same steps and "
            f"diverges again; to go on, {fix}.")
     record_event(run_dir, "diverged", step=step, what=what, checkpoint_step=ckpt_step, resume_step=resume)
@@ -383,11 +399,19 @@ def _train(model, task, cfg, run_dir: Path, config, progress, desc, stop_after, 
         start, run_loss, run_n = meta["step"], meta.get("run_loss", 0.0), meta.get("run_n", 0)
         elapsed = meta.get("elapsed", 0.0)
     ckpt_step = start if meta is not None else None
+    # Weight growth since the start, per kept checkpoint: a NaN message must not call a blown-up checkpoint good.
+    w_start = (meta or {}).get("w_start") or _max_abs(model) or 1.0
+    growth: dict[int, float] = {}
+    if meta is not None and meta.get("w_max") is not None:
+        growth[start] = float(meta["w_max"]) / w_start
     prev_p = previous_path(ckpt)
     prev_step = None
     if rank == 0 and prev_p.exists():
         try:
-            prev_step = int(read_meta(prev_p).get("step"))
+            prev_meta = read_meta(prev_p)
+            prev_step = int(prev_meta.get("step"))
+            if prev_meta.get("w_max") is not None:
+                growth[prev_step] = float(prev_meta["w_max"]) / w_start
         except Exception:
             prev_step = None
     evals = cfg.eval_steps()
@@ -439,14 +463,17 @@ def _train(model, task, cfg, run_dir: Path, config, progress, desc, stop_after, 
 
     def save(done: int) -> None:
         nonlocal ckpt_step, prev_step
+        w_max = _max_abs(model)
         try:
             save_checkpoint(ckpt, model, optimizer,
-                            {"step": done, "run_loss": run_loss, "run_n": run_n, "elapsed": elapsed},
+                            {"step": done, "run_loss": run_loss, "run_n": run_n, "elapsed": elapsed,
+                             "w_start": w_start, "w_max": w_max},
                             keep_previous=True)
         except NonFiniteState as e:
             raise _diverged(run_dir, f"{e.tensor} became inf or NaN", done, ckpt_step, prev_step,
-                            cfg.grad_clip) from None
+                            cfg.grad_clip, growth) from None
         prev_step, ckpt_step = ckpt_step, done
+        growth[done] = w_max / w_start
 
     try:
         if rank == 0 and start in evals and start not in {r["step"] for r in records}:
@@ -469,7 +496,8 @@ def _train(model, task, cfg, run_dir: Path, config, progress, desc, stop_after, 
             mean_loss = loss_sum / cfg.grad_accum
             if not math.isfinite(mean_loss):
                 if rank == 0:
-                    raise _diverged(run_dir, f"loss became {mean_loss}", step, ckpt_step, prev_step, cfg.grad_clip)
+                    raise _diverged(run_dir, f"loss became {mean_loss}", step, ckpt_step, prev_step, cfg.grad_clip,
+                                    growth)
                 raise TrainingDiverged(f"loss became {mean_loss} at step {step} in {run_dir}", step=step)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
