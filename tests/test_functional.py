@@ -330,3 +330,18 @@ def test_compile_failure_warns_with_its_cause_and_stays_local(error, expect):
     assert "WARNINGS\n1\n" in r.stdout, r.stdout  # once, not at every call
     for text in expect:
         assert text in r.stdout, r.stdout
+
+
+def test_fused_glu_inside_a_users_torch_compile_has_no_graph_break():
+    """Under an outer torch.compile the fused op hands Inductor plain math (fullgraph would raise on a break)."""
+    w, v = torch.randn(6, 10, requires_grad=True), torch.randn(6, 10, requires_grad=True)
+    f = torch.compile(lambda w, v: SF.glu_packed(torch.cat([w, v], -1), "sqs").sum()
+                      + SF.glu(w, v, "sqs", lam=0.3).sum(), fullgraph=True)
+    out = f(w, v)
+    out.backward()
+    ref_w, ref_v = w.detach().clone().requires_grad_(), v.detach().clone().requires_grad_()
+    ref = (ref_w * SF.sqs(ref_v)).sum() + (ref_w * SF.sqs(ref_v, lam=0.3)).sum()
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(w.grad, ref_w.grad)
+    torch.testing.assert_close(v.grad, ref_v.grad)

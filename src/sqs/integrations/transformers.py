@@ -54,7 +54,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
                       "install it with: pip install 'sqs[hf]'") from e
 from packaging.version import InvalidVersion, Version
 
-from sqs.functional import DEFAULT_C, DEFAULT_LAM, DEFAULT_P, check_sqs_params, sqs
+from sqs.functional import DEFAULT_C, DEFAULT_LAM, DEFAULT_P, check_sqs_params
 from sqs.nn import SQS
 from sqs.ops import sqs_glu, sqs_glu_packed
 
@@ -157,17 +157,12 @@ class SQSFromName(nn.Module):
 
 
 def _gated(w: torch.Tensor, v: torch.Tensor, act: SQS) -> torch.Tensor:
-    """w * sqs(v): the fused op, or under an outer torch.compile the same math for Inductor to fuse."""
-    if torch.compiler.is_compiling():
-        return w * sqs(v, act.c, act.lam, act.p)
+    """w * sqs(v) with the fused op (which, under an outer torch.compile, hands Inductor the plain math)."""
     return sqs_glu(w, v, act.c, act.lam, act.p)
 
 
 def _gated_packed(x: torch.Tensor, act: SQS) -> torch.Tensor:
     """`_gated` for x = [w | v] straight out of one projection."""
-    if torch.compiler.is_compiling():
-        w, v = x.chunk(2, dim=-1)
-        return w * sqs(v, act.c, act.lam, act.p)
     return sqs_glu_packed(x, act.c, act.lam, act.p)
 
 

@@ -37,6 +37,7 @@ from typing import Callable, Iterator
 import torch
 
 from sqs.core import DEFAULT_C, DEFAULT_LAM, DEFAULT_P, check_pair, check_sqs_params, compute_dtype, sqs_grad_math, sqs_math
+from sqs.ops.gate import SQSFunction
 
 BACKENDS = ("auto", "compiled", "eager", "triton")
 _backend = os.environ.get("SQS_BACKEND", "auto").lower()
@@ -363,6 +364,10 @@ def sqs_glu(w: torch.Tensor, v: torch.Tensor, c: float = DEFAULT_C, lam: float =
     check_sqs_params(c, lam, p)
     if not w.is_floating_point():
         raise TypeError(f"sqs_glu: `w` and `v` must be floating point, got {w.dtype}")
+    if torch.compiler.is_compiling():
+        # Inside the user's own torch.compile: the same math as plain ops, which Inductor fuses with
+        # the neighbouring matmul epilogues; calling our separately compiled kernel would break the graph.
+        return w * SQSFunction.apply(v, float(c), float(lam), float(p))
     return SQSGLUFunction.apply(w, v, float(c), float(lam), float(p))
 
 
@@ -382,4 +387,7 @@ def sqs_glu_packed(x: torch.Tensor, c: float = DEFAULT_C, lam: float = DEFAULT_L
     if not x.is_floating_point():
         raise TypeError(f"sqs_glu_packed: `x` must be floating point, got {x.dtype}")
     check_sqs_params(c, lam, p)
+    if torch.compiler.is_compiling():  # see sqs_glu
+        w, v = _halves(x)
+        return w * SQSFunction.apply(v, float(c), float(lam), float(p))
     return SQSGLUPackedFunction.apply(x, float(c), float(lam), float(p))
