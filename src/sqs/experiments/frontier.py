@@ -1,0 +1,267 @@
+"""The (c, lam, p) frontier (`sqs experiment frontier`): how much shrink can a readable model afford?
+
+    grid = load_grid()                                   # sqs/configs/image/frontier.toml
+    specs = plan_frontier("runs", grid)                  # 1-layer and 2-layer runs, priority order
+    run_frontier(specs, workers=2, threads=1, log="runs/frontier.log")   # resumable, skips finished runs
+    frontier_report.write_report("runs", "results/frontier", grid)      # analysis cached per run
+
+The grid (its design is stated in the TOML file) varies one SQS parameter at a time around
+the paper's default, beside the references Bilinear, SwiGLU and GELU. Runs live where every
+image run lives, `<runs>/<config>/<dataset>/<run name>` (`sqs.experiments.config.run_dir`):
+`runs/sec41/mnist/sqs-lam0.1-s0`, `runs/sec41/mnist/bilinear-i0-d1`; the paper's default
+gate keeps the plain name (`sqs-s0`), so the sec41 Bilinear / SQS runs are the spectra
+experiment's and the sec42 references are Table 1's: nothing is trained twice.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from sqs.core import DEFAULT_C, DEFAULT_LAM, DEFAULT_P
+from sqs.experiments import config as _config
+from sqs.experiments.config import run_dir
+from sqs.experiments.image import DATASETS, load_config
+from sqs.experiments.table1 import RunSpec, default_workers, run_grid  # noqa: F401 - the one pool runner
+from sqs.functional import canonical_gate
+from sqs.io import atomic_write
+from sqs.training.trainer import is_complete
+
+GRID = "frontier"
+SQS_DEFAULT = {"c": DEFAULT_C, "lam": DEFAULT_LAM, "p": DEFAULT_P}
+
+
+# ----------------------------------------------------------------------------- the grid
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One gate setting of the grid: a gate and its non-default parameters (as sorted pairs)."""
+
+    gate: str
+    params: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def gate_kwargs(self) -> dict[str, float]:
+        return dict(self.params)
+
+    @property
+    def key(self) -> str:
+        """`sqs`, `sqs-lam0.1`, `bilinear`: the run name without its seed part."""
+        tag = _config.gate_tag(self.gate, self.gate_kwargs)
+        return self.gate + (f"-{tag}" if tag else "")
+
+    @property
+    def is_sqs(self) -> bool:
+        return self.gate == "sqs"
+
+    @property
+    def is_default(self) -> bool:
+        return self.is_sqs and not self.params
+
+    def value(self, name: str) -> float | None:
+        """The gate's c / lam / p (defaults filled in) for SQS; None for other gates."""
+        return float(self.gate_kwargs.get(name, SQS_DEFAULT[name])) if self.is_sqs else None
+
+    @property
+    def label(self) -> str:
+        from sqs.experiments.style import gate_label
+
+        if not self.is_sqs:
+            return gate_label(self.gate)
+        return f"SQS c={self.value('c'):g} λ={self.value('lam'):g} p={self.value('p'):g}"
+
+
+def sqs_setting(**kw: float) -> Setting:
+    """The SQS setting with these parameters; parameters equal to the default are dropped."""
+    bad = sorted(set(kw) - set(SQS_DEFAULT))
+    if bad:
+        raise ValueError(f"frontier: unknown SQS parameter(s) {bad}; valid: c, lam, p")
+    return Setting("sqs", tuple(sorted((k, float(v)) for k, v in kw.items() if float(v) != SQS_DEFAULT[k])))
+
+
+@dataclass
+class Grid:
+    """The frontier grid as read from its TOML file (see sqs/configs/image/frontier.toml)."""
+
+    datasets: list[str]
+    references: list[str]
+    sqs_axes: dict[str, list[float]]
+    one_layer: dict
+    two_layer: dict
+    analysis: dict = field(default_factory=dict)
+    where: str = GRID
+
+    def sqs_settings(self) -> list[Setting]:
+        """One axis at a time around the default, default first, no duplicates."""
+        out = [sqs_setting()]
+        for axis in ("lam", "c", "p"):
+            for v in self.sqs_axes.get(axis, []):
+                s = sqs_setting(**{axis: v})
+                if s not in out:
+                    out.append(s)
+        return out
+
+    def settings(self) -> list[Setting]:
+        return self.sqs_settings() + [Setting(canonical_gate(g)) for g in self.references]
+
+    def two_layer_settings(self) -> list[Setting]:
+        return [s for s in self.sqs_settings() if not s.is_default]
+
+
+def load_grid(name_or_path: str | Path = GRID, overrides: _config.Overrides = None) -> Grid:
+    """Read the grid TOML (a shipped name or a path) through the one config loader; overrides
+    are dotted keys (`grid.one_layer.seeds=[0]`, `grid.datasets=["mnist"]`)."""
+    d, where = _config.load_config_dict("image", name_or_path, overrides)
+    g = d.get("grid")
+    if not isinstance(g, Mapping):
+        raise ValueError(f"{where}: not a frontier grid (no [grid] table)")
+    try:
+        grid = Grid(datasets=list(g["datasets"]), references=list(g.get("references", [])),
+                    sqs_axes={k: [float(v) for v in vs] for k, vs in dict(g.get("sqs", {})).items()},
+                    one_layer=dict(g["one_layer"]), two_layer=dict(g.get("two_layer", {})),
+                    analysis=dict(d.get("analysis", {})), where=where)
+    except KeyError as e:
+        raise ValueError(f"{where}: the [grid] table lacks {e.args[0]!r}") from e
+    bad = sorted(set(grid.datasets) - set(DATASETS))
+    if bad:
+        raise ValueError(f"{where}: unknown dataset(s) {bad}; choose from {', '.join(DATASETS)}")
+    bad = sorted(set(grid.sqs_axes) - set(SQS_DEFAULT))
+    if bad:
+        raise ValueError(f"{where}: unknown SQS axis {bad} in [grid.sqs]; valid: c, lam, p")
+    return grid
+
+
+@dataclass
+class FrontierSpec(RunSpec):
+    """A run of the frontier (a `table1.RunSpec`, so the Table 1 pool runs it)."""
+
+    setting: Setting = Setting("sqs")
+    layers: int = 1
+    config: str = "sec41"
+
+    @property
+    def name(self) -> str:  # unique across configs (1- and 2-layer runs share dataset/run name)
+        return f"{self.config}/{self.cfg.name()}"
+
+    @property
+    def init_seed(self) -> int:
+        return self.cfg.model_seed
+
+    @property
+    def data_seed(self) -> int:
+        return self.cfg.batch_seed
+
+
+def _spec(runs_dir, config: str, layers: int, ds: str, setting: Setting, seed: int,
+          init: int | None = None, data: int | None = None, epochs: float | None = None,
+          overrides: Iterable[str] = ()) -> FrontierSpec:
+    ov = _config.override_items(list(overrides))
+    ov += [("dataset", ds), ("model.gate", setting.gate), ("model.gate_kwargs", setting.gate_kwargs), ("seed", seed)]
+    if init is not None:
+        ov.append(("init_seed", init))
+    if data is not None:
+        ov.append(("data_seed", data))
+    if epochs is not None:
+        ov.append(("epochs", epochs))
+    cfg = load_config(config, dict(ov))
+    rd = run_dir(runs_dir, config, ds, setting.gate, seed, init_seed=cfg.init_seed, data_seed=cfg.data_seed,
+                 gate_kwargs=setting.gate_kwargs)
+    return FrontierSpec(ds, setting.gate, seed, rd, cfg, setting=setting, layers=layers, config=config)
+
+
+def plan_frontier(runs_dir: str | Path, grid: Grid | None = None, epochs: float | None = None,
+                  overrides: Iterable[str] = ()) -> list[FrontierSpec]:
+    """Every run of the grid, priority first: per seed, the 1-layer runs, then (for seed 0) the
+    first same-init baseline, then the 2-layer runs; the remaining baselines last.
+    `epochs` / `overrides` (run-config overrides, `train.lr=...`) apply to every run (tests, probes)."""
+    grid = grid or load_grid()
+    one, two = grid.one_layer, grid.two_layer
+    c1, c2 = one.get("config", "sec41"), two.get("config", "sec42")
+    seeds1, seeds2 = [int(s) for s in one.get("seeds", [0])], [int(s) for s in two.get("seeds", [])]
+    splits = [(int(a), int(b)) for a, b in one.get("split", [])]
+    split_settings = [sqs_setting() if canonical_gate(g) == "sqs" else Setting(canonical_gate(g))
+                      for g in one.get("split_gates", [])]
+    kw = {"epochs": epochs, "overrides": list(overrides)}
+    specs: list[FrontierSpec] = []
+
+    def split_runs(init: int, data: int) -> list[FrontierSpec]:
+        return [_spec(runs_dir, c1, 1, ds, st, init, init=init, data=data, **kw)
+                for ds in grid.datasets for st in split_settings]
+
+    for i, seed in enumerate(sorted(set(seeds1) | set(seeds2))):
+        if seed in seeds1:
+            specs += [_spec(runs_dir, c1, 1, ds, st, seed, **kw) for ds in grid.datasets for st in grid.settings()]
+        if i == 0 and splits:
+            specs += split_runs(*splits[0])
+        if seed in seeds2:
+            specs += [_spec(runs_dir, c2, 2, ds, st, seed, **kw) for ds in grid.datasets
+                      for st in grid.two_layer_settings()]
+    for init, data in splits[1:]:
+        specs += split_runs(init, data)
+    seen: set[Path] = set()
+    return [s for s in specs if not (s.run_dir in seen or seen.add(s.run_dir))]
+
+
+# ----------------------------------------------------------------------------- running
+
+
+class ProgressLog:
+    """One line per finished run (appended to a text file), with the rate and the ETA."""
+
+    def __init__(self, path: str | Path | None, total: int, skipped: int, workers: int):
+        self.path = Path(path) if path else None
+        self.total, self.skipped, self.done, self.failed = total, skipped, 0, 0
+        self.t0 = time.perf_counter()
+        self.write(f"start: {total} runs, {skipped} finished already, {total - skipped} to train "
+                   f"({workers} worker(s))")
+
+    def write(self, line: str) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:  # append-only log: one whole line per write
+            f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + line + "\n")
+
+    def __call__(self, name: str, ok: bool, info: Any) -> None:
+        self.done += 1
+        self.failed += not ok
+        elapsed = time.perf_counter() - self.t0
+        left = self.total - self.skipped - self.done
+        rate = self.done / elapsed * 60 if elapsed > 0 else 0.0
+        eta = left / (self.done / elapsed) if self.done and elapsed > 0 else float("nan")
+        what = (f"acc {info['test_acc']:.4f} loss {info['test_loss']:.4f} in {info['wall_s']:.0f} s"
+                if ok and info.get("test_acc") is not None else ("ok" if ok else "FAILED (re-run to retry)"))
+        self.write(f"[{self.skipped + self.done}/{self.total}] {name}: {what} | {rate:.2f} runs/min, "
+                   f"{left} left, ETA {_hms(eta)}")
+
+
+def _hms(s: float) -> str:
+    if s != s:  # NaN
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def run_frontier(specs: Sequence[FrontierSpec], workers: int | None = None, threads: int = 1, cache_dir=None,
+                 log: str | Path | None = None, progress: bool = True, run_bars: bool = True) -> dict:
+    """Train the unfinished runs of `specs` with the Table 1 pool (finished ones skipped,
+    interrupted ones resumed); one line per finished run in `log`. Returns the pool's summary."""
+    workers = workers or default_workers()
+    skipped = sum(is_complete(s.run_dir) for s in specs)
+    plog = ProgressLog(log, len(specs), skipped, workers)
+    summary = run_grid(specs, workers=workers, threads=threads, cache_dir=cache_dir, progress=progress,
+                       run_bars=run_bars, log_dir=None, desc="frontier runs", on_finish=plog)
+    plog.write(f"end: trained {summary['n_trained']}, skipped {summary['n_skipped']}, "
+               f"{len(summary['failed'])} failed, wall {_hms(summary['wall_s'])}")
+    if log:
+        _append_jsonl(Path(log).with_suffix(".jsonl"), {k: v for k, v in summary.items() if k != "runs"})
+    return summary
+
+
+def _append_jsonl(path: Path, rec: dict) -> None:
+    old = path.read_text() if path.exists() else ""
+    atomic_write(path, lambda p: p.write_text(old + json.dumps(rec) + "\n"))
