@@ -21,13 +21,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import torch
+import torch.nn.functional as F
+
 from sqs.core import DEFAULT_C, DEFAULT_LAM, DEFAULT_P
 from sqs.experiments import config as _config
 from sqs.experiments.config import run_dir
 from sqs.experiments.image import DATASETS, load_config
 from sqs.experiments.table1 import RunSpec, default_workers, run_grid  # noqa: F401 - the one pool runner
 from sqs.functional import canonical_gate
-from sqs.io import atomic_write
+from sqs.interp.agreement import SIDES, agreement_summary
+from sqs.interp.spectra import decompose, fidelity, model_logits
+from sqs.io import atomic_write, write_json
 from sqs.training.trainer import is_complete
 
 GRID = "frontier"
@@ -265,3 +270,136 @@ def run_frontier(specs: Sequence[FrontierSpec], workers: int | None = None, thre
 def _append_jsonl(path: Path, rec: dict) -> None:
     old = path.read_text() if path.exists() else ""
     atomic_write(path, lambda p: p.write_text(old + json.dumps(rec) + "\n"))
+
+
+# ----------------------------------------------------------------------------- analysis (cached per run)
+
+#: Bump when the analysis changes: every cached analysis is recomputed.
+ANALYSIS_VERSION = 1
+ANALYSIS_FILE = "frontier_analysis.json"
+#: Readings computed for every 1-layer SQS run (cheap); "fit" only for `analysis.fit_seeds`.
+CHEAP_READINGS = ("first-order", "gain")
+
+
+@torch.no_grad()
+def saturation_share(model, images: torch.Tensor, batch_size: int = 5000) -> list[float | None]:
+    """Per GLU layer, the share of gate inputs v = V x with |v| > 1/lam on `images`
+    (None for a layer whose gate has no 1/lam scale: other gates, or lam = 0).
+
+    Beyond |v| = 1/lam the SQS gate's denominator 1 + lam|v| is over 2: the unit is in the
+    shrink regime, where the first-order reading (gate = identity) is off by more than 2x."""
+    lams = [float(layer.gate_kwargs.get("lam", DEFAULT_LAM)) if layer.gate == "sqs" else 0.0
+            for layer in model.layers]
+    over, n = [0] * len(lams), 0
+    for s in range(0, images.shape[0], batch_size):
+        x = model.embed(images[s:s + batch_size].flatten(1))
+        for i, (norm, layer) in enumerate(zip(model.norms, model.layers)):
+            h = norm(x)
+            if lams[i] > 0:
+                over[i] += int(((h @ layer.V.T).abs() > 1.0 / lams[i]).sum())
+            y = layer(h)
+            x = x + y if model.residual else y
+        n += images[s:s + batch_size].shape[0]
+    return [over[i] / (n * layer.d_hidden) if lams[i] > 0 else None for i, layer in enumerate(model.layers)]
+
+
+@torch.no_grad()
+def test_metrics(model, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Test accuracy and mean cross-entropy of the finished model."""
+    z = model_logits(model, images).to(torch.float64)
+    return {"test_acc": float((z.argmax(-1) == labels).double().mean()),
+            "test_loss": float(F.cross_entropy(z, labels, reduction="mean"))}
+
+
+def _agreement_brief(summary: dict) -> dict:
+    """The part of `agreement_summary` the frontier reports: per side per-rank / best-match means
+    (ranks 1..k), overlap and form cosine means, and the number of pairs."""
+    out = {"n_pairs": summary["n_pairs"], "k": summary["k"],
+           "form_cosine": summary["form_cosine"]["mean"], "form_cosine_centered": summary["form_cosine_centered"]["mean"]}
+    for side in SIDES:
+        out[side] = {"per_rank": summary[side]["per_rank"]["mean"], "best_match": summary[side]["best_match"]["mean"],
+                     "overlap": summary[side]["overlap"]["mean"]}
+    return out
+
+
+def agreement_brief(pairs: list[tuple], k: int = 10) -> dict:
+    """`_agreement_brief(agreement_summary(pairs, k))`: mean over (pair, class)."""
+    return _agreement_brief(agreement_summary(pairs, k=k))
+
+
+def partner_dir(spec: FrontierSpec, runs_dir: str | Path) -> Path | None:
+    """The Bilinear run at the same init and data seeds as a 1-layer run (None: none to compare with)."""
+    if spec.layers != 1 or spec.setting.gate != "sqs":
+        return None
+    return run_dir(runs_dir, spec.config, spec.dataset, "bilinear", spec.seed, init_seed=spec.cfg.init_seed,
+                   data_seed=spec.cfg.data_seed)
+
+
+def _stamp(path: Path) -> list[int] | None:
+    """(mtime_ns, size) of a finished run's weights: the cache is recomputed when they change."""
+    f = path / "model.safetensors"
+    if not f.exists():
+        return None
+    st = f.stat()
+    return [st.st_mtime_ns, st.st_size]
+
+
+def analysis_options(grid: Grid, spec: FrontierSpec) -> dict:
+    a = grid.analysis
+    fit = (spec.layers == 1 and spec.setting.is_sqs and spec.cfg.init_seed is None and spec.cfg.data_seed is None
+           and spec.seed in [int(s) for s in a.get("fit_seeds", [0])] and int(a.get("fit_train_images", 0)) > 0)
+    return {"version": ANALYSIS_VERSION, "k": int(a.get("k", 10)),
+            "fit_train_images": int(a.get("fit_train_images", 0)) if fit else 0}
+
+
+def analyse(spec: FrontierSpec, data: tuple, options: dict, partner: Path | None) -> dict:
+    """Everything the frontier reports about one finished run (see the module docstring)."""
+    from sqs.experiments.image import load_image_model
+
+    x_tr, _, x_te, y_te = data
+    model, _ = load_image_model(spec.run_dir)
+    t0 = time.perf_counter()
+    out = {"run": spec.name, "setting": spec.setting.key, "layers": spec.layers, "dataset": spec.dataset,
+           "seed": spec.seed, "init_seed": spec.init_seed, "data_seed": spec.data_seed,
+           **test_metrics(model, x_te, y_te), "saturation": saturation_share(model, x_te)}
+    if spec.layers == 1 and spec.setting.gate in ("sqs", "bilinear"):
+        readings = list(CHEAP_READINGS) + (["fit"] if options["fit_train_images"] else [])
+        decs, fid, secs = {}, {}, {}
+        for r in readings:
+            t = time.perf_counter()
+            fit_images = x_tr[:options["fit_train_images"]] if r == "fit" else x_tr
+            decs[r] = decompose(model, reading=r, fit_images=fit_images)
+            secs[r] = time.perf_counter() - t
+            fid[r] = fidelity(model, decs[r], x_te, y_te)
+            if decs[r].exact:  # Bilinear (or c = lam = 0): every reading is the exact one
+                break
+        out["fidelity"], out["reading_seconds"] = fid, secs
+        if partner is not None and is_complete(partner):
+            bil = decompose(load_image_model(partner)[0])
+            out["partner"] = str(partner)
+            out["agreement"] = {r: agreement_brief([(d, bil)], k=options["k"]) for r, d in decs.items()}
+    out["analysis_seconds"] = time.perf_counter() - t0
+    return out
+
+
+def cached_analysis(spec: FrontierSpec, grid: Grid, runs_dir: str | Path, data) -> dict | None:
+    """The run's analysis from `<run dir>/frontier_analysis.json` if it is current (same analysis
+    version and options, same weights of the run and its Bilinear partner), else computed and
+    written there. `data`: the dataset's tensors, or a callable returning them (loaded only when
+    something is computed). None for an unfinished run."""
+    if not is_complete(spec.run_dir):
+        return None
+    partner = partner_dir(spec, runs_dir)
+    key = {"options": analysis_options(grid, spec), "run": _stamp(spec.run_dir),
+           "partner": _stamp(partner) if partner is not None else None}
+    path = spec.run_dir / ANALYSIS_FILE
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+            if old.get("key") == key:
+                return old["result"]
+        except (OSError, json.JSONDecodeError, KeyError):
+            pass
+    result = analyse(spec, data() if callable(data) else data, key["options"], partner)
+    write_json(path, {"key": key, "result": result})
+    return result
