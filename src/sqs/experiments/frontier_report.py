@@ -269,14 +269,15 @@ def claim_check(row: dict, reading: str, fig2: dict, tol: float) -> dict | None:
 
 
 def recommend(agg: dict, base: dict, r2_min: float) -> dict:
-    """The most accurate SQS setting (mean 1-layer test accuracy over the datasets) whose agreement
+    """The most accurate SQS setting with lam > 0 (mean 1-layer test accuracy over the datasets) whose agreement
     reading reproduces the logits (logit R² >= r2_min) and whose agreement with Bilinear at the same
     init (positive-side top-k subspace overlap) is at least Bilinear's own same-init, other-data
     baseline, on every dataset. Falls back to the R² criterion alone, then to accuracy alone,
     and says which criterion picked it."""
     one = agg.get(1, {})
     dss = [ds for ds in DATASET_ORDER if ds in one]
-    keys = set.intersection(*[{k for k, r in one[ds].items() if r["gate"] == "sqs"} for ds in dss]) if dss else set()
+    keys = set.intersection(*[{k for k, r in one[ds].items() if r["gate"] == "sqs" and r["lam"] > 0}
+                              for ds in dss]) if dss else set()  # lam = 0 is Bilinear with a shift, not a shrink
 
     def ok_r2(k):
         return all((one[ds][k].get("fidelity", {}).get(one[ds][k].get("reading"), {}).get("logit_r2", {}).get("mean")
@@ -441,7 +442,7 @@ def plot_accuracy_vs_fidelity(agg: dict, path: Path) -> Path | None:
             if gate in rows:
                 ax.axhline(rows[gate]["test_acc"]["mean"], color=GATE_COLOR[gate], ls="--", lw=1,
                            label=f"{gate_label(gate)} accuracy")
-        lams = sorted({r["lam"] for r in rows.values() if r["gate"] == "sqs"})
+        lams = sorted({r["lam"] for d in one.values() for r in d.values() if r["gate"] == "sqs"})  # one colour per λ
         for key, r in _ordered(rows):
             if r["gate"] != "sqs" or not r.get("fidelity"):
                 continue
@@ -456,12 +457,12 @@ def plot_accuracy_vs_fidelity(agg: dict, path: Path) -> Path | None:
                 x1 = r["fidelity"]["first-order"]["agreement"]["mean"]
                 ax.scatter([x1], [y], facecolor="none", edgecolor=col, marker=marker, s=60, zorder=2)
                 ax.plot([x1, fx], [y, y], color=col, lw=0.6, alpha=0.6)
-        ax.set_xlabel("fidelity: surrogate argmax = model argmax (test)\nfilled: most faithful reading "
-                      "(mostly gain), hollow: first-order (paper)")
+        ax.set_xlabel("fidelity: surrogate argmax = model argmax (test)\nfilled: the setting's most faithful "
+                      "reading (as in the table), hollow: first-order (paper)")
         ax.set_ylabel("test accuracy (1 GLU layer)")
         ax.set_title(f"{DATASET_LABEL[ds]}: accuracy against reading fidelity")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower left", ncol=1)
+        ax.legend(fontsize=6.5, loc="best", ncol=1)
     fig.tight_layout()
     return save(fig, path)
 
@@ -503,11 +504,14 @@ def plot_agreement_vs_lambda(agg: dict, base: dict, fig2: dict, path: Path) -> P
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6.5)
         ax = axes[1][j]
-        ax.plot(lam, [r["saturation"][0]["mean"] or 0.0 for r in rows], "o-", color="tab:red", label="1 layer")
+        pts = [(r["lam"], r["saturation"][0]["mean"]) for r in rows if r["saturation"][0]["mean"] is not None]
+        if pts:  # lam = 0 has no 1/lam scale: no point
+            ax.plot(*zip(*pts), "o-", color="tab:red", label="1 layer")
         two = [r for r in agg.get(2, {}).get(ds, {}).values() if r["gate"] == "sqs" and r["c"] == 0.01 and r["p"] == 1.0]
         two.sort(key=lambda r: r["lam"])
         for i, ls in ((0, "--"), (1, ":")):
-            pts = [(r["lam"], r["saturation"][i]["mean"]) for r in two if len(r["saturation"]) > i]
+            pts = [(r["lam"], r["saturation"][i]["mean"]) for r in two
+                   if len(r["saturation"]) > i and r["saturation"][i]["mean"] is not None]
             if pts:
                 ax.plot(*zip(*pts), "s" + ls, color="tab:orange", label=f"2 layers, layer {i + 1}")
         ax.set_xscale("symlog", linthresh=0.05)
