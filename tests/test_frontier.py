@@ -154,7 +154,7 @@ def test_tiny_frontier_end_to_end_resumes_and_reports(tmp_path, eager_backend):
     assert "## Conclusion" in md and "Recommended setting" in md and "## MNIST, 2 layers" in md
     # analysis is cached next to each run: a second report recomputes nothing
     cached = {s.run_dir: (s.run_dir / fr.ANALYSIS_FILE).stat().st_mtime_ns for s in specs}
-    rep.write_report(runs, out, grid, epochs=1, overrides=TINY, cache_dir=cache, table1_json=None)
+    rep.write_report(runs, out, grid, epochs=1, overrides=TINY, cache_dir=cache, table1_json=None, workers=2)
     assert all((d / fr.ANALYSIS_FILE).stat().st_mtime_ns == t for d, t in cached.items())
 
 

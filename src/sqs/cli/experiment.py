@@ -94,7 +94,8 @@ def _frontier(args) -> int:
 
         paths = frontier_report.write_report(args.runs_dir, args.out, grid, epochs=args.epochs,
                                              overrides=args.overrides, cache_dir=args.cache_dir,
-                                             progress=not args.no_progress)
+                                             progress=not args.no_progress,
+                                             workers=args.workers or frontier.default_workers())
         for p in paths:
             print(p)
     if summary and summary["failed"]:
@@ -157,7 +158,8 @@ def register(sub, groups) -> None:
     f.add_argument("--runs-dir", default="runs", help=RUNS_HELP)
     f.add_argument("--out", default="results/frontier", help="report folder (default: %(default)s)")
     f.add_argument("--log", default=None, help="progress log: one line per finished run, with rate and ETA")
-    f.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: one per core)")
+    f.add_argument("--workers", type=int, default=None,
+                   help="parallel worker processes, for training and for the analysis (default: one per core)")
     f.add_argument("--threads", type=int, default=None, help="torch threads per worker (default 1)")
     f.add_argument("--cache-dir", help="cache root holding the datasets (default $SQS_CACHE_DIR or ~/.cache/sqs)")
     f.add_argument("--report-only", action="store_true", help="train nothing; analyse the finished runs")

@@ -58,24 +58,49 @@ def _ms(values) -> dict:
 # ----------------------------------------------------------------------------- collecting
 
 
-def collect(runs_dir: str | Path, grid: fr.Grid, epochs: float | None = None, overrides=(), cache_dir=None) -> list:
-    """[(spec, analysis or None)] for every run of the grid; analyses cached in the run dirs."""
+_DATA: dict[str, tuple] = {}  # per process: a dataset's tensors, loaded once
+
+
+def _analyse_job(spec, grid, runs_dir, cache_dir):
+    """One run's cached analysis (in a worker process of `collect`, or inline)."""
+    def get():
+        if spec.dataset not in _DATA:
+            _DATA[spec.dataset] = load_data(spec.dataset, cache_dir=cache_dir)
+        return _DATA[spec.dataset]
+
+    return fr.cached_analysis(spec, grid, runs_dir, get)
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def collect(runs_dir: str | Path, grid: fr.Grid, epochs: float | None = None, overrides=(), cache_dir=None,
+            workers: int = 1) -> list:
+    """[(spec, analysis or None)] for every run of the grid; analyses cached in the run dirs.
+    `workers` > 1 analyses the runs without a cached analysis in that many single-threaded processes
+    (the least-squares reading takes about a minute per run)."""
     specs = fr.plan_frontier(runs_dir, grid, epochs=epochs, overrides=overrides)
-    data: dict[str, tuple] = {}
+    todo = [s for s in specs if is_complete(s.run_dir)]
+    results: dict[Path, dict | None] = {}
+    if workers > 1 and len(todo) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    def loader(ds: str):
-        def get():
-            if ds not in data:
-                data[ds] = load_data(ds, cache_dir=cache_dir)
-            return data[ds]
-        return get
-
-    out = []
-    for i, s in enumerate(specs):
-        if is_complete(s.run_dir) and not (s.run_dir / fr.ANALYSIS_FILE).exists():
-            _say(f"[frontier] analysing {s.name} ({i + 1}/{len(specs)})")
-        out.append((s, fr.cached_analysis(s, grid, runs_dir, loader(s.dataset))))
-    return out
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                 initargs=(1,)) as pool:
+            futs = {pool.submit(_analyse_job, s, grid, runs_dir, cache_dir): s for s in todo}
+            for i, f in enumerate(as_completed(futs)):
+                results[futs[f].run_dir] = f.result()
+                _say(f"[frontier] analysed {futs[f].name} ({i + 1}/{len(todo)})")
+    else:
+        for i, s in enumerate(todo):
+            if not (s.run_dir / fr.ANALYSIS_FILE).exists():
+                _say(f"[frontier] analysing {s.name} ({i + 1}/{len(todo)})")
+            results[s.run_dir] = _analyse_job(s, grid, runs_dir, cache_dir)
+    return [(s, results.get(s.run_dir)) for s in specs]
 
 
 def _decs(runs_dir, grid, ds, config, cache_dir, data) -> dict:
@@ -529,12 +554,13 @@ def plot_agreement_vs_lambda(agg: dict, base: dict, fig2: dict, path: Path) -> P
 
 def write_report(runs_dir: str | Path, out: str | Path, grid: fr.Grid | None = None, epochs: float | None = None,
                  overrides=(), cache_dir=None, table1_json: str | Path | None = "results/image/table1.json",
-                 progress: bool = True) -> list[Path]:
-    """Analyse the finished runs (cached) and write table.md, frontier.json and the plots to `out`."""
+                 progress: bool = True, workers: int = 1) -> list[Path]:
+    """Analyse the finished runs (cached; `workers` processes) and write table.md, frontier.json and the
+    plots to `out`."""
     grid = grid or fr.load_grid()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    pairs = collect(runs_dir, grid, epochs=epochs, overrides=overrides, cache_dir=cache_dir)
+    pairs = collect(runs_dir, grid, epochs=epochs, overrides=overrides, cache_dir=cache_dir, workers=workers)
     agg = aggregate(pairs)
     base = {ds: baselines(runs_dir, grid, ds, cache_dir=cache_dir, out_dir=out) for ds in grid.datasets
             if ds in agg.get(1, {})}
