@@ -171,7 +171,8 @@ def verdict(agreement: dict, reading: str, fig2: dict) -> str:
         holds_min, holds_top = min(ranks) >= fig2["cos_min"], ranks[0] >= fig2["cos_top"] - COS_TOP_TOL
         parts.append(f"With the {r} reading, SQS and Bilinear trained from the same init agree at rank 1 with mean "
                      f"|cos| {ranks[0]:.2f} and at least {min(ranks):.2f} over ranks 1–{len(ranks)} of the positive side "
-                     f"(best match {_mean([v for v in a['positive']['best_match'] if v is not None]):.2f}, top-10 overlap "
+                     f"(best match, mean over those ranks, {_mean([v for v in a['positive']['best_match'] if v is not None]):.2f}; "
+                     f"top-10 overlap "
                      f"{a['positive']['overlap']:.2f}): the paper's claim ({fig2['claim']}) "
                      + ("holds." if holds_min and holds_top else
                         "holds for the floor but not at the top." if holds_min else
