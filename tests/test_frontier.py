@@ -179,3 +179,22 @@ def test_conclusion_follows_the_numbers():
     assert not facts2["claims"]["mnist"]["gain"]["sqs"]["holds"] and "does not hold" in lines2[0]
     assert facts2["recommendation"]["setting"] == "sqs-lam2" and "no setting also matched" in facts2["recommendation"]["criterion"]
     assert lines != lines2
+
+
+def test_saturation_share_counts_gate_inputs_beyond_one_over_lambda(eager_backend):
+    from sqs.models.image import ImageClassifier, ImageModelConfig
+
+    torch.manual_seed(0)
+    img = torch.rand(50, 784)
+    for n_layers, kw in ((1, {"lam": 2.0}), (2, {"lam": 0.25}), (1, {"lam": 0.0})):
+        m = ImageClassifier(ImageModelConfig(n_layers=n_layers, d_model=8, d_hidden=8, gate="sqs", gate_kwargs=kw))
+        with torch.no_grad():
+            x, want = m.embed(img), []
+            for layer in m.layers:
+                v = x @ layer.V.T
+                want.append(float((v.abs() > 1 / kw["lam"]).double().mean()) if kw["lam"] > 0 else None)
+                x = layer(x)
+        got = fr.saturation_share(m, img, batch_size=7)  # batches: counts add up
+        assert got == pytest.approx(want) if kw["lam"] > 0 else got == [None]
+    bil = ImageClassifier(ImageModelConfig(n_layers=1, d_model=8, d_hidden=8, gate="bilinear"))
+    assert fr.saturation_share(bil, img) == [None]
