@@ -11,6 +11,13 @@ image run lives, `<runs>/<config>/<dataset>/<run name>` (`sqs.experiments.config
 `runs/sec41/mnist/sqs-lam0.1-s0`, `runs/sec41/mnist/bilinear-i0-d1`; the paper's default
 gate keeps the plain name (`sqs-s0`), so the sec41 Bilinear / SQS runs are the spectra
 experiment's and the sec42 references are Table 1's: nothing is trained twice.
+
+Per finished run (`analyse`, cached in `<run dir>/frontier_analysis.json`): test accuracy and
+loss; per GLU layer the share of test gate inputs |Vx| beyond 1/lam (`saturation_share`); for
+1-layer Bilinear / SQS models the fidelity on the test set of each reading (first-order, gain,
+and for `analysis.fit_seeds` the least-squares fit on `analysis.fit_train_images` training
+images), and for SQS the agreement of each reading's eigenvectors with the Bilinear run at the
+same init and data seeds (`sqs.interp.agreement`).
 """
 
 from __future__ import annotations

@@ -380,7 +380,7 @@ def _sat(row: dict) -> str:
     return " / ".join(vals) if vals else "—"
 
 
-def one_layer_table(rows: dict, base: dict) -> list[str]:
+def one_layer_table(rows: dict) -> list[str]:
     out = ["| setting | seeds | test acc | test loss | share \\|Vx\\| > 1/λ | reading | agreement ranks 1–5 (positive side) "
            "| best match 1–5 | top-10 overlap | form cos | agreement ranks 1–5, first-order | surrogate acc: first-order / gain / fit "
            "| logit R²: first-order / gain / fit |",
@@ -404,7 +404,7 @@ def one_layer_table(rows: dict, base: dict) -> list[str]:
         out.append(f"| {r['label']} | {len(r['seeds'])} | {_pm(r['test_acc'])} | {_pm(r['test_loss'])} | {_sat(r)} "
                    f"| {reading if fid else '—'} | {ranks(ag)} | {ranks(ag, 'positive_best_match')} "
                    f"| {_pm(ag['positive_overlap'], 3) if ag else '—'} | {_pm(ag['form_cosine'], 3) if ag else '—'} "
-                   f"| {ranks(ag1) if ag1 is not ag else ranks(ag1)} | {surr} | {r2s} |")
+                   f"| {ranks(ag1)} | {surr} | {r2s} |")
     return out
 
 
@@ -441,10 +441,6 @@ def _ordered(rows: dict):
         return (r["gate"] != "sqs", r["gate"], r["c"] != 0.01 if r["c"] is not None else 0,
                 r["p"] != 1.0 if r["p"] is not None else 0, r["lam"] or 0, r["c"] or 0, r["p"] or 0)
     return sorted(rows.items(), key=k)
-
-
-def _lam_x(lam: float) -> float:
-    return lam
 
 
 def plot_accuracy_vs_fidelity(agg: dict, path: Path) -> Path | None:
@@ -590,7 +586,7 @@ def write_report(runs_dir: str | Path, out: str | Path, grid: fr.Grid | None = N
           "## Conclusion", ""] + [f"- {x}" for x in lines] + [""]
     for ds in DATASET_ORDER:
         if ds in agg.get(1, {}):
-            md += [f"## {DATASET_LABEL[ds]}, 1 layer", ""] + one_layer_table(agg[1][ds], base.get(ds, {})) + [""]
+            md += [f"## {DATASET_LABEL[ds]}, 1 layer", ""] + one_layer_table(agg[1][ds]) + [""]
             if base.get(ds):
                 md += [f"What agreement means ({DATASET_LABEL[ds]}, 1 layer): baselines", ""] + baseline_table(base[ds]) + [""]
     for ds in DATASET_ORDER:
