@@ -568,7 +568,7 @@ def write_report(runs_dir: str | Path, out: str | Path, grid: fr.Grid | None = N
     figs = [plot_accuracy_vs_fidelity(agg, out / "accuracy_vs_fidelity.png"),
             plot_agreement_vs_lambda(agg, base, fig2, out / "agreement_vs_lambda.png")]
     n_done = sum(a is not None for _, a in pairs)
-    md = [f"# The (c, λ, p) frontier", "",
+    md = ["# The (c, λ, p) frontier", "",
           f"Grid: {grid.where} ({len(pairs)} runs, {n_done} finished). One SQS parameter at a time around the "
           "paper's default (c = 0.01, λ = 0.5, p = 1): λ ∈ {" + ", ".join(f"{v:g}" for v in grid.sqs_axes.get("lam", []))
           + "} at c = 0.01, p = 1 (λ = 0: Bilinear with shift c); c ∈ {" + ", ".join(f"{v:g}" for v in grid.sqs_axes.get("c", []))
