@@ -185,7 +185,8 @@ def fake_runs(monkeypatch, tmp_path, eager_backend):
 
     def load_run(run_dir):
         name = str(run_dir).rstrip("/").split("/")[-1]
-        gate, seed = name.split("-s")
+        gate, rest = name.split("-", 1)
+        seed = rest[1:] if rest.startswith("s") else rest.split("-")[0][1:]  # <gate>-s<k> or <gate>-i<k>-d<j>
         m = make_model({"bilinear": "identity"}.get(gate, gate), seed=int(seed), d=8, h=8)
         return m.float(), {"data": {"dataset": "mnist"}, "gate": gate}
 
@@ -194,8 +195,9 @@ def fake_runs(monkeypatch, tmp_path, eager_backend):
     trained = []
     monkeypatch.setattr(sx, "load_run", load_run)
     monkeypatch.setattr(sx, "load_test", lambda ds, data_dir=None: test)
+    monkeypatch.setattr(sx, "load_train", lambda ds, data_dir=None: torch.rand(80, PIX, generator=g))
     monkeypatch.setattr(sx, "is_finished", lambda rd: rd in trained)
-    monkeypatch.setattr(sx, "train_one", lambda ds, gate, seed, epochs, rd, data_dir=None: trained.append(rd))
+    monkeypatch.setattr(sx, "train_one", lambda ds, gate, seed, epochs, rd, data_dir=None, **seeds: trained.append(rd))
     return tmp_path, trained
 
 
@@ -234,17 +236,23 @@ def test_experiment_and_report_end_to_end(fake_runs, monkeypatch):
     out = tmp / "results"
     assert main(["experiment", "spectra", "--runs-dir", str(tmp / "runs"), "--out", str(out), "--seeds", "2",
                  "--datasets", "mnist", "--epochs", "1"]) == 0
-    assert len(trained) == 4  # 2 gates x 2 seeds, one training call each
+    assert len(trained) == 8  # 2 gates x (2 seeds + 2 same-init baselines), one training call each
+    assert {p.name for p in trained} >= {"bilinear-i0-d1", "sqs-i1-d2"}
     summary = json.loads((out / "summary.json").read_text())
     cos = summary["datasets"]["mnist"]["cosine"]
     assert set(cos) == {"sqs_vs_bilinear_same_seed", "sqs_vs_bilinear_cross_seed", "bilinear_vs_bilinear",
                         "sqs_vs_sqs"}
     # same seed -> same init in this fake -> same first-order eigenvectors
-    assert cos["sqs_vs_bilinear_same_seed"]["min_all"] == pytest.approx(1.0)
+    first = summary["datasets"]["mnist"]["agreement"]["first-order"]["sqs_vs_bilinear_same_init"]["positive"]
+    assert first["overlap"] == pytest.approx(1.0) and min(v for v in first["per_rank"] if v) == pytest.approx(1.0)
     fb = summary["datasets"]["mnist"]["fidelity"]["bilinear"]["0"]
     assert fb["logit_r2"] == pytest.approx(1.0, abs=1e-5)
     md = (out / "summary.md").read_text()
     assert "first-order" in md and "never below 0.5" in md and "| MNIST Bilinear |" in md
+    d = summary["datasets"]["mnist"]
+    assert d["reading"] in ("first-order", "gain") and "Verdict" in md and "Fair agreement" in md
+    assert {"bilinear_same_init", "sqs_vs_bilinear_same_init", "sqs_other_init"} <= set(d["agreement"][d["reading"]])
+    assert set(d["fidelity_by_reading"]) == {"first-order", "gain"} and len(d["fidelity_by_reading"]["gain"]) == 2
     assert (out / "mnist" / "cosine_per_rank.png").stat().st_size > 0
 
     # single-run commands

@@ -9,7 +9,8 @@ def _demo(args) -> int:
     from sqs.experiments.demo import run_demo
 
     run_demo(out=args.out, runs_dir=args.runs_dir, dataset=args.dataset, epochs=args.epochs, seed=args.seed,
-             data_dir=args.data_dir, cache_dir=args.cache_dir)
+             data_dir=args.data_dir, cache_dir=args.cache_dir, baselines=args.baselines,
+             frontier_json=args.frontier)
     return 0
 
 
@@ -25,5 +26,9 @@ def register(sub, groups) -> None:
     p.add_argument("--epochs", type=positive_int, default=20, help="epochs per model (paper: 20)")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--data-dir", help="a folder of IDX files instead of fetching")
+    p.add_argument("--baselines", action="store_true",
+                   help="also train both gates from the same init on another data seed (agreement baselines)")
+    p.add_argument("--frontier", default="results/frontier/frontier.json",
+                   help="frontier report whose recommended setting is shown (default: %(default)s, if present)")
     p.add_argument("--cache-dir", help="cache root (default $SQS_CACHE_DIR or ~/.cache/sqs)")
     p.set_defaults(func=_demo)

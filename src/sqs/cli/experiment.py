@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from sqs.cli._args import add_gate, nonneg_int, positive_int
+from sqs.cli._args import add_gate, add_set, nonneg_int, positive_float, positive_int
 from sqs.cli.train import add_image_common, add_lm_common, finish_dist, is_rank0, lm_length
 
 RUNS_HELP = "runs folder: runs go to RUNS_DIR/<config>/<dataset>/<gate>-s<seed> (default: %(default)s)"
@@ -69,6 +69,42 @@ def _tinystories(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- frontier
+
+
+def _frontier(args) -> int:
+    from sqs.experiments import frontier
+
+    grid = frontier.load_grid(args.grid, args.grid_set)
+    if args.datasets:
+        grid.datasets = list(args.datasets)
+    summary = None
+    if not args.report_only:
+        specs = frontier.plan_frontier(args.runs_dir, grid, epochs=args.epochs, overrides=args.overrides)
+        workers = args.workers or frontier.default_workers()
+        print(f"frontier: {len(specs)} runs under {args.runs_dir} ({workers} worker(s) x {args.threads or 1} "
+              f"thread(s)){'; log: ' + args.log if args.log else ''}", file=sys.stderr)
+        summary = frontier.run_frontier(specs, workers=workers, threads=args.threads or 1, cache_dir=args.cache_dir,
+                                        log=args.log, progress=not args.no_progress,
+                                        run_bars=not (args.no_run_bars or args.no_progress))
+        print(f"frontier: trained {summary['n_trained']}, skipped {summary['n_skipped']} finished, "
+              f"{len(summary['failed'])} failed, wall {summary['wall_s']:.1f} s", file=sys.stderr)
+    if not args.train_only:
+        from sqs.experiments import frontier_report
+
+        paths = frontier_report.write_report(args.runs_dir, args.out, grid, epochs=args.epochs,
+                                             overrides=args.overrides, cache_dir=args.cache_dir,
+                                             progress=not args.no_progress,
+                                             workers=args.workers or frontier.default_workers())
+        for p in paths:
+            print(p)
+    if summary and summary["failed"]:
+        print("failed runs: " + ", ".join(f["run"] for f in summary["failed"]) + " (re-run the command to retry)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def register(sub, groups) -> None:
     from sqs.experiments.image import DATASETS
     from sqs.functional import GATES
@@ -105,6 +141,32 @@ def register(sub, groups) -> None:
     p.add_argument("--data-dir", help="folder of IDX files (default: the cache); only with one dataset")
     p.add_argument("--explain-index", type=nonneg_int, default=0)
     p.set_defaults(func=_spectra)
+
+    f = groups["experiment"].add_parser(
+        "frontier", help="the (c, lam, p) frontier: accuracy, saturation, agreement with Bilinear, reading fidelity",
+        description="Train the frontier grid (sqs/configs/image/frontier.toml: 1-layer and 2-layer models over "
+                    "SQS settings and the references; finished runs skipped, interrupted ones resumed) with the "
+                    "Table 1 process pool, then analyse every run (cached next to it) and write table.md, "
+                    "frontier.json and plots to --out.")
+    f.add_argument("--grid", default="frontier", help="the grid: a shipped name or a .toml path (default: %(default)s)")
+    f.add_argument("--grid-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the grid file, dotted keys: --grid-set 'grid.one_layer.seeds=[0]'")
+    add_set(f, "--set train.lr=3e-3 (applies to every run)")
+    f.add_argument("--epochs", type=positive_float, default=None, help="override every run's epochs (default: the configs')")
+    f.add_argument("--datasets", nargs="+", choices=DATASETS, default=None, metavar="DATASET",
+                   help="restrict to these datasets (default: the grid's)")
+    f.add_argument("--runs-dir", default="runs", help=RUNS_HELP)
+    f.add_argument("--out", default="results/frontier", help="report folder (default: %(default)s)")
+    f.add_argument("--log", default=None, help="progress log: one line per finished run, with rate and ETA")
+    f.add_argument("--workers", type=positive_int, default=None,
+                   help="parallel worker processes, for training and for the analysis (default: one per core)")
+    f.add_argument("--threads", type=positive_int, default=None, help="torch threads per worker (default 1)")
+    f.add_argument("--cache-dir", help="cache root holding the datasets (default $SQS_CACHE_DIR or ~/.cache/sqs)")
+    f.add_argument("--report-only", action="store_true", help="train nothing; analyse the finished runs")
+    f.add_argument("--train-only", action="store_true", help="train; write no report")
+    f.add_argument("--no-progress", action="store_true", help="no progress bars")
+    f.add_argument("--no-run-bars", action="store_true", help="only the overall progress bar")
+    f.set_defaults(func=_frontier)
 
     e = groups["experiment"].add_parser(
         "tinystories", help="Sec. 4.2.2: all five gates on TinyStories, table, curves, samples",

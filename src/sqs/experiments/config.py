@@ -13,7 +13,8 @@ Each experiment maps the nested dict onto its dataclass (`ImageRunConfig.from_di
 
     <runs_root>/<config name>/<dataset>/<gate>-s<seed>     e.g. runs/sec42/mnist/sqs-s0
 
-(`run_dir`). The paper's reference numbers, which every report prints beside ours, are
+(`run_dir`); a gate with non-default parameters adds a tag (`sqs-lam0.1-s0`), and a run whose
+init and data seeds are split is `<gate>-i<init>-d<data>` (`run_name`). The paper's reference numbers, which every report prints beside ours, are
 one data file, `sqs/configs/reference/paper.toml` (`paper_reference`).
 """
 
@@ -27,7 +28,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from sqs.core import load_toml
+from sqs.core import DEFAULT_C, DEFAULT_LAM, DEFAULT_P, load_toml
 from sqs.functional import canonical_gate
 from sqs.io import ConfigError
 
@@ -67,10 +68,12 @@ def _folder(kind: str):
 
 
 def config_names(kind: str) -> list[str]:
-    """The configs shipped with the package for `kind`, by name."""
+    """The run configs shipped with the package for `kind`, by name (experiment grids such as
+    `frontier`, files with a `[grid]` table, are read by name too but are not run configs)."""
     try:
         return sorted(p.name[:-5] for p in _folder(kind).iterdir()
-                      if p.name.endswith(".toml") and not p.name.startswith("_"))
+                      if p.name.endswith(".toml") and not p.name.startswith("_")
+                      and "\n[grid]" not in "\n" + p.read_text(encoding="utf-8"))
     except (FileNotFoundError, NotADirectoryError):
         return []
 
@@ -176,14 +179,46 @@ def _key(k: str) -> str:
 # ----------------------------------------------------------------------------- run directories
 
 
-def run_name(gate: str, seed: int) -> str:
-    """`<gate>-s<seed>` with the gate's paper name (aliases accepted)."""
-    return f"{canonical_gate(gate)}-s{int(seed)}"
+def gate_tag(gate: str, gate_kwargs: Mapping[str, Any] | None = None) -> str:
+    """The gate's non-default parameters as a run-name tag: `lam0.1`, `c0`, `p2`, `lam0.5-p2` ('' for the defaults).
+
+    SQS parameters are listed in the order c, lam, p and only where they differ from the
+    defaults (`sqs.core.DEFAULT_C`, `DEFAULT_LAM`, `DEFAULT_P`), so the paper's default gate keeps
+    the plain name `sqs`; other gates' keyword arguments are listed sorted by name.
+    """
+    kw = dict(gate_kwargs or {})
+    if canonical_gate(gate) == "sqs":
+        defaults = {"c": DEFAULT_C, "lam": DEFAULT_LAM, "p": DEFAULT_P}
+        keys = [k for k in ("c", "lam", "p") if k in kw and float(kw[k]) != defaults[k]]
+        keys += sorted(k for k in kw if k not in defaults)
+    else:
+        keys = sorted(kw)
+    return "-".join(f"{k}{_num(kw[k])}" for k in keys)
 
 
-def run_dir(runs_root: str | Path, config: str | Path, dataset: str, gate: str, seed: int) -> Path:
-    """`<runs_root>/<config name>/<dataset>/<gate>-s<seed>`, the one layout of every experiment."""
-    return Path(runs_root) / config_name(config) / dataset / run_name(gate, seed)
+def _num(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+
+def run_name(gate: str, seed: int, *, init_seed: int | None = None, data_seed: int | None = None,
+             gate_kwargs: Mapping[str, Any] | None = None) -> str:
+    """`<gate>[-<tag>]-s<seed>` with the gate's paper name (aliases accepted); a run whose init and
+    data seeds differ from `seed` is `<gate>[-<tag>]-i<init>-d<data>` (None means `seed`)."""
+    tag = gate_tag(gate, gate_kwargs)
+    base = canonical_gate(gate) + (f"-{tag}" if tag else "")
+    init = int(seed) if init_seed is None else int(init_seed)
+    data = int(seed) if data_seed is None else int(data_seed)
+    if init == int(seed) and data == int(seed):
+        return f"{base}-s{int(seed)}"
+    return f"{base}-i{init}-d{data}"
+
+
+def run_dir(runs_root: str | Path, config: str | Path, dataset: str, gate: str, seed: int, *,
+            init_seed: int | None = None, data_seed: int | None = None,
+            gate_kwargs: Mapping[str, Any] | None = None) -> Path:
+    """`<runs_root>/<config name>/<dataset>/<run_name>`, the one layout of every experiment."""
+    return Path(runs_root) / config_name(config) / dataset / run_name(
+        gate, seed, init_seed=init_seed, data_seed=data_seed, gate_kwargs=gate_kwargs)
 
 
 _OLD_GATE_NAMES = {"bilinear": ("identity",), "swiglu": ("silu",)}

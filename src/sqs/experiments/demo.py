@@ -16,7 +16,9 @@ from pathlib import Path
 from sqs.experiments import spectra as sx
 from sqs.experiments.config import run_dir
 from sqs.experiments.doc import Doc
-from sqs.experiments.spectra_report import fidelity_table, fig2_reference, reference_lines
+from sqs.experiments.frontier import agreement_brief
+from sqs.experiments.frontier_report import baseline_pairs, baseline_table
+from sqs.experiments.spectra_report import fidelity_table, fig2_reference, reference_lines, verdict
 from sqs.experiments.style import gate_label
 from sqs.interp import plots
 from sqs.interp.spectra import cosine_per_rank, model_logits
@@ -24,9 +26,12 @@ from sqs.io import write_json, write_text
 
 
 def run_demo(out: str | Path = "report", runs_dir: str | Path = "runs/demo", dataset: str = "mnist",
-             epochs: int = 20, seed: int = 0, data_dir: str | None = None, cache_dir: str | None = None) -> dict:
+             epochs: int = 20, seed: int = 0, data_dir: str | None = None, cache_dir: str | None = None,
+             baselines: bool = False, frontier_json: str | Path | None = "results/frontier/frontier.json") -> dict:
     """Train (or reuse) the two Sec. 4.1 runs at `runs_dir/sec41/<dataset>/<gate>-s<seed>`, then
-    write the report to `out`; returns the report's paths."""
+    write the report to `out`; returns the report's paths. `baselines`: also train both gates from
+    the same init on data seed `seed + 1` (`<gate>-i<seed>-d<seed+1>`), for the agreement table's
+    same-init baselines."""
     from sqs.data import images
 
     t0 = time.perf_counter()
@@ -37,45 +42,81 @@ def run_demo(out: str | Path = "report", runs_dir: str | Path = "runs/demo", dat
         run_dirs[gate] = run_dir(runs_dir, sx.CONFIG, dataset, gate, seed)
         print(f"demo: training 1-layer {gate} on {dataset} ({epochs} epochs) -> {run_dirs[gate]}", flush=True)
         sx.train_one(dataset, gate, seed, epochs, run_dirs[gate], data_dir=data_dir, cache_dir=cache_dir)
+    extra = {}
+    if baselines:
+        for gate in sx.GATES:
+            rd = run_dir(runs_dir, sx.CONFIG, dataset, gate, seed, data_seed=seed + 1)
+            print(f"demo: training 1-layer {gate}, same init, data seed {seed + 1} -> {rd}", flush=True)
+            sx.train_one(dataset, gate, seed, epochs, rd, data_dir=data_dir, cache_dir=cache_dir, data_seed=seed + 1)
+            extra[(gate, seed, seed + 1)] = rd
     print("demo: decomposing and writing the report", flush=True)
-    paths = write_report(run_dirs, out, dataset=dataset, data_dir=data_dir)
+    paths = write_report(run_dirs, out, dataset=dataset, data_dir=data_dir, baseline_dirs=extra, seed=seed,
+                         frontier_json=frontier_json)
     print(f"demo: done in {time.perf_counter() - t0:.0f} s; open {paths.get('html', out)}", flush=True)
     return paths
 
 
 def write_report(run_dirs: dict[str, str | Path], out_dir: str | Path, dataset: str | None = None,
-                 data_dir: str | None = None, explain_index: int = 0, classes=None) -> dict[str, Path]:
+                 data_dir: str | None = None, explain_index: int = 0, classes=None, baseline_dirs: dict | None = None,
+                 seed: int = 0, frontier_json: str | Path | None = None) -> dict[str, Path]:
     """Eigenvector images and fidelity numbers for each run (e.g. {"bilinear": dir, "sqs": dir}).
+
+    SQS is drawn with its most faithful reading (first-order or gain, by test logit R², named in
+    every title); `baseline_dirs` {(gate, init seed, data seed): run dir} adds same-init baselines
+    to the agreement table; `frontier_json` a frontier report whose recommended setting is shown.
 
     Writes out_dir/report.md (+ PNGs beside it), out_dir/report.html (images embedded)
     and out_dir/report.json; returns their paths.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    test = None
+    test, train = None, None
     analyses: dict[str, sx.RunAnalysis] = {}
     for gate, rd in run_dirs.items():
         if dataset is None:
             dataset = sx.dataset_of(sx.load_run(rd)[1])
         if test is None and dataset is not None:
             try:
-                test = sx.load_test(dataset, data_dir)
+                test, train = sx.load_test(dataset, data_dir), sx.load_train(dataset, data_dir)
             except Exception as e:  # noqa: BLE001 - reported in the document
-                print(f"report: test set of {dataset} unavailable ({e}); writing figures without fidelity")
+                print(f"report: data of {dataset} unavailable ({e}); writing figures without fidelity")
                 test = ()
-        analyses[gate] = sx.analyse_run(rd, dataset=dataset, test=test or None, with_fidelity=bool(test))
+        analyses[gate] = sx.analyse_run(rd, dataset=dataset, test=test or None, with_fidelity=bool(test),
+                                        train_images=train, reading="best")
     names = {g: gate_label(g) for g in analyses}
+    reading = analyses["sqs"].dec.method if "sqs" in analyses else "first-order"
+    rec = sx.recommended_setting(frontier_json)
 
     doc = Doc(out)
     doc.h(1, f"Weight spectra: {' vs '.join(names.values())} on {dataset or 'unknown dataset'}")
     doc.p("Each class logit of a 1-layer GLU classifier read as a quadratic form x^T B_a x of the embedded input "
           "x = E img, B_a = Σ_i (H P)_ai w_i v_i^T (symmetrised), decomposed as Σ_k λ_k (q_k·x)². "
-          "For Bilinear (identity gate) this is exact. For SQS it is the paper's first-order reading: the SQS gate "
-          "is treated as the identity, so the eigenvectors describe the model only approximately; the fidelity "
-          "table below measures how well. Eigenvectors are shown in pixel space (E^T q; red positive, blue "
+          "For Bilinear (identity gate) this is exact. SQS (the paper's default c = 0.01, λ = 0.5, p = 1) is read "
+          f"with its most faithful reading, here the {reading} reading (first-order: the gate treated as the "
+          "identity, as in the paper; gain: each unit's gate replaced by its least-squares gain on the training "
+          "images); the fidelity table below measures how well each reading reproduces the model. Eigenvectors are shown in pixel space (E^T q; red positive, blue "
           "negative, white zero).")
     for a in analyses.values():
         doc.p(f"{a.title}: {a.run_dir} — {a.dec.reading}.")
+    doc.p(f"Recommended setting from the frontier ({rec['source']}): {rec['label']} ({rec['criterion']})." if rec
+          else "Recommended setting: run `sqs experiment frontier` (no frontier results found).")
+    if "sqs" in analyses and "bilinear" in analyses:
+        keyed = {(g, seed, seed): analyses[g] for g in ("bilinear", "sqs")}
+        for key, rd in (baseline_dirs or {}).items():
+            keyed[key] = sx.analyse_run(rd, dataset=dataset, test=test or None, with_fidelity=bool(test),
+                                        train_images=train)
+        agreement = {r: {name: agreement_brief(p) for name, p in
+                         baseline_pairs({k: a.with_reading(r).dec for k, a in keyed.items()}).items() if p}
+                     for r in dict.fromkeys([reading, "first-order"])}
+        doc.h(2, "Do SQS and Bilinear learn the same features?")
+        doc.p(verdict(agreement, reading, fig2_reference()))
+        rows = [line.strip("|").split(" | ") for line in baseline_table(agreement)[2:]]
+        doc.table(["pairing", "reading of SQS", "pairs", "ranks 1–5 (positive side)", "best match 1–5",
+                   "top-10 overlap", "form cos"], [[c.strip() for c in r] for r in rows])
+        doc.p("Per class, eigenvectors of positive eigenvalue (largest first), pixel space, mean over classes. "
+              "Best match: optimal one-to-one assignment within the top 10; overlap: mean squared canonical cosine "
+              "of the two top-10 subspaces" + ("." if baseline_dirs else "; `sqs demo --baselines` adds the "
+                                               "same-init, other-data baselines."))
 
     if len(analyses) >= 2:
         decs = {a.title: a.dec for a in analyses.values()}
@@ -83,13 +124,13 @@ def write_report(run_dirs: dict[str, str | Path], out_dir: str | Path, dataset: 
                                                      n=2, dataset=dataset), out / "eigenvectors_side_by_side.png")
         doc.h(2, "Top eigenvectors side by side")
         doc.img(path, "Top-2 eigenvectors by |λ| per class; later models' signs aligned to the first; "
-                      "|cos| in pixel space between equal ranks (SQS: first-order reading).")
+                      f"|cos| in pixel space between equal ranks (SQS: {reading} reading).")
         labels = list(analyses)
         cos = cosine_per_rank(analyses[labels[0]].dec, analyses[labels[1]].dec)
         path = plots.save(plots.plot_cosine_per_rank({f"{names[labels[1]]} vs {names[labels[0]]}": cos[None]},
                                                      max_rank=min(64, cos.shape[-1]), reference=reference_lines()),
                           out / "cosine_per_rank.png")
-        doc.h(2, "Eigenvector similarity per rank")
+        doc.h(2, f"Eigenvector similarity per rank by |λ| (SQS: {reading} reading)")
         m = cos.mean(0)
         doc.table(["rank"] + [str(i + 1) for i in range(5)] + ["min over ranks (top 10)", "min over all ranks"],
                   [["mean |cos| over classes"] + [f"{float(m[i]):.3f}" for i in range(min(5, len(m)))]
@@ -99,11 +140,16 @@ def write_report(run_dirs: dict[str, str | Path], out_dir: str | Path, dataset: 
 
     if any(a.fidelity for a in analyses.values()):
         doc.h(2, "Fidelity of the eigen-reading on the test set")
-        header, rows = fidelity_table({a.title: [a.fidelity] for a in analyses.values()})
+        cols = {}
+        for a in analyses.values():
+            for r, x in (a.readings or {None: {"fidelity": a.fidelity}}).items():
+                if x["fidelity"]:
+                    cols[a.with_reading(r).title if r else a.title] = [x["fidelity"]]
+        header, rows = fidelity_table(cols)
         doc.table(header, rows)
         doc.p("Surrogate: logits rebuilt from the eigendecomposition, Σ_k λ_k (q_k·x)², using the top-k "
               "eigenvectors per class. Bilinear: R² = 1 by construction. SQS: how much of the model the "
-              "first-order reading reproduces.")
+              "reading reproduces (readings fitted on training images only).")
         path = plots.save(plots.plot_truncation({a.title: a.fidelity for a in analyses.values() if a.fidelity}),
                           out / "truncation.png")
         doc.img(path, "Accuracy of the surrogate keeping the top-k eigenvectors per class (dotted: the model).")

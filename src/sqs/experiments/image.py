@@ -74,6 +74,8 @@ class ImageRunConfig:
 
     dataset: str = "mnist"
     seed: int = 0
+    init_seed: int | None = None  # seeds the model's initial weights (None: `seed`)
+    data_seed: int | None = None  # seeds the batch order and the input noise (None: `seed`)
     model: ImageModelConfig = field(default_factory=ImageModelConfig)
     batch_size: int = 512
     epochs: float = 20
@@ -102,6 +104,12 @@ class ImageRunConfig:
                 raise ValueError(f"ImageRunConfig: `{name}` must be an int >= 0, got {val!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"ImageRunConfig: `seed` must be an int >= 0, got {self.seed!r}")
+        for name in ("init_seed", "data_seed"):
+            val = getattr(self, name)
+            if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 0):
+                raise ValueError(f"ImageRunConfig: `{name}` must be an int >= 0 (or absent: `seed`), got {val!r}")
+            if val == self.seed:  # equal to `seed` is the unsplit run: one config, one run directory
+                setattr(self, name, None)
         if not (isinstance(self.epochs, (int, float)) and self.epochs > 0 and math.isfinite(self.epochs)):
             raise ValueError(f"ImageRunConfig: `epochs` must be a positive number, got {self.epochs!r}")
         if isinstance(self.epochs, float) and self.epochs.is_integer():
@@ -127,6 +135,16 @@ class ImageRunConfig:
                              f"train.grad_accum {grad_accum}")
 
     # -- derived quantities
+    @property
+    def model_seed(self) -> int:
+        """The seed of the model's initial weights: `init_seed`, else `seed`."""
+        return self.seed if self.init_seed is None else self.init_seed
+
+    @property
+    def batch_seed(self) -> int:
+        """The seed of the batch order and the input noise: `data_seed`, else `seed`."""
+        return self.seed if self.data_seed is None else self.data_seed
+
     def steps_per_epoch(self, n_train: int) -> int:
         spe = n_train // self.batch_size
         if spe < 1:
@@ -141,12 +159,18 @@ class ImageRunConfig:
         kw = dict(self.train)
         kw.setdefault("eval_every", max(1, steps // self.eval_points))
         kw.setdefault("checkpoint_every", self.steps_per_epoch(n_train))
-        return ImageTrainConfig(steps=steps, seed=self.seed, early_eval_every=self.early_eval_every,
+        return ImageTrainConfig(steps=steps, seed=self.batch_seed, early_eval_every=self.early_eval_every,
                                 early_eval_until=self.early_eval_until, **kw)
 
     # -- (de)serialisation
     def to_dict(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))
+        """JSON-ready; `init_seed` / `data_seed` appear only when split, so an unsplit run's
+        config.json (and its run directory) is the same as before the split existed."""
+        d = json.loads(json.dumps(asdict(self)))
+        for k in ("init_seed", "data_seed"):
+            if d[k] is None:
+                del d[k]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ImageRunConfig":
@@ -162,9 +186,14 @@ class ImageRunConfig:
     def to_toml(self) -> str:
         return dumps_toml(self.to_dict())
 
+    def run_name(self) -> str:
+        """`<gate>[-<tag>]-s<seed>` or `<gate>[-<tag>]-i<init>-d<data>` (`sqs.experiments.config.run_name`)."""
+        return run_name(self.model.gate, self.seed, init_seed=self.init_seed, data_seed=self.data_seed,
+                        gate_kwargs=self.model.gate_kwargs)
+
     def name(self) -> str:
-        """`<dataset>/<gate>-s<seed>`: the run's label and the tail of its run directory."""
-        return f"{self.dataset}/{run_name(self.model.gate, self.seed)}"
+        """`<dataset>/<run name>`: the run's label and the tail of its run directory."""
+        return f"{self.dataset}/{self.run_name()}"
 
 
 @dataclass
@@ -306,7 +335,7 @@ def run_record(cfg: ImageRunConfig, n_train: int, n_test: int) -> dict:
 def build_model(cfg: ImageRunConfig | ImageModelConfig, seed: int | None = None) -> ImageClassifier:
     """The model, initialised from `seed` without touching the global RNG state."""
     mcfg = cfg.model if isinstance(cfg, ImageRunConfig) else cfg
-    seed = cfg.seed if (seed is None and isinstance(cfg, ImageRunConfig)) else (seed or 0)
+    seed = cfg.model_seed if (seed is None and isinstance(cfg, ImageRunConfig)) else (seed or 0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return ImageClassifier(copy.deepcopy(mcfg))
@@ -326,7 +355,7 @@ def run_image(cfg: ImageRunConfig, run_dir: str | Path, progress: bool = True, *
     x_tr, y_tr, x_te, y_te = data if data is not None else load_data(cfg.dataset, data_dir, cache_dir)
     tc = cfg.train_config(x_tr.shape[0])
     noise_std = cfg.noise_std * (float(x_tr.std()) if cfg.noise_relative else 1.0)
-    task = ImageTask(x_tr, y_tr, x_te, y_te, cfg.batch_size, seed=cfg.seed, noise_std=noise_std,
+    task = ImageTask(x_tr, y_tr, x_te, y_te, cfg.batch_size, seed=cfg.batch_seed, noise_std=noise_std,
                      noise_prob=cfg.noise_prob,
                      grad_accum=tc.grad_accum, eval_batch_size=cfg.eval_batch_size)
     model = build_model(cfg)

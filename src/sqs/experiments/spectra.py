@@ -11,6 +11,7 @@ into a model, its decomposition and its fidelity on the test set.
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ import torch
 from sqs.experiments import image as pipeline
 from sqs.experiments import spectra_report as report
 from sqs.experiments.config import check_no_legacy, run_dir
+from sqs.experiments.frontier import agreement_brief
+from sqs.experiments.frontier_report import baseline_pairs
 from sqs.experiments.spectra_report import GATES, fig2_reference, reference_lines
 from sqs.interp.spectra import (
     DEFAULT_KS,
@@ -47,15 +50,17 @@ def _say(msg: str) -> None:
 
 
 def train_one(dataset: str, gate: str, seed: int, epochs: int, run_dir: str | Path, data_dir: str | None = None,
-              cache_dir: str | None = None):
+              cache_dir: str | None = None, init_seed: int | None = None, data_seed: int | None = None):
     """Train one Sec. 4.1 run (1 GLU layer) with the image pipeline. The only training call here.
 
-    `run_image` resumes an interrupted run and returns at once for a finished one; its
-    model init is seeded by `seed` alone, so the Bilinear and SQS runs of one seed start
-    from identical weights and see identical batches and noise.
+    `run_image` resumes an interrupted run and returns at once for a finished one. The init is
+    seeded by `init_seed` (default `seed`), the batches and noise by `data_seed` (default `seed`):
+    the Bilinear and SQS runs of one seed start from identical weights and see identical
+    batches and noise; a run with another data seed is the same-init baseline.
     """
-    cfg = pipeline.load_config(CONFIG, overrides={"dataset": dataset, "model.gate": gate, "seed": seed,
-                                                  "epochs": epochs})
+    ov = {"dataset": dataset, "model.gate": gate, "seed": seed, "epochs": epochs}
+    ov.update({k: v for k, v in (("init_seed", init_seed), ("data_seed", data_seed)) if v is not None})
+    cfg = pipeline.load_config(CONFIG, overrides=ov)
     return pipeline.run_image(cfg, run_dir, data_dir=data_dir, cache_dir=cache_dir)
 
 
@@ -91,6 +96,13 @@ def load_test(dataset: str, data_dir: str | None = None) -> tuple[torch.Tensor, 
     return images.load(dataset, "test", data_dir=data_dir)
 
 
+def load_train(dataset: str, data_dir: str | None = None) -> torch.Tensor:
+    """The training images (N, 784): what the gain reading is fitted on (never the test set)."""
+    from sqs.data import images
+
+    return images.load(dataset, "train", data_dir=data_dir)[0]
+
+
 @dataclass
 class RunAnalysis:
     run_dir: Path
@@ -100,6 +112,15 @@ class RunAnalysis:
     dataset: str | None
     fidelity: dict | None
     fidelity_error: str | None = None
+    readings: dict | None = None  # {reading: {"dec": Decomposition, "fidelity": dict | None}} when several
+
+    def with_reading(self, reading: str) -> "RunAnalysis":
+        """This analysis with another of its readings as `dec` / `fidelity` (exact runs: unchanged)."""
+        if not self.readings or reading not in self.readings:
+            return self
+        r = self.readings[reading]
+        return RunAnalysis(self.run_dir, self.model, self.config, r["dec"], self.dataset, r["fidelity"],
+                           self.fidelity_error, self.readings)
 
     @property
     def title(self) -> str:
@@ -107,22 +128,48 @@ class RunAnalysis:
 
 
 def analyse_run(run_dir: str | Path, dataset: str | None = None, data_dir: str | None = None, force: bool = False,
-                with_fidelity: bool = True, test: tuple | None = None, ks=DEFAULT_KS) -> RunAnalysis:
-    """Load, decompose and (if the test set is available) measure fidelity of one run."""
+                with_fidelity: bool = True, test: tuple | None = None, ks=DEFAULT_KS,
+                train_images: torch.Tensor | None = None, reading: str = "first-order") -> RunAnalysis:
+    """Load, decompose and (if the test set is available) measure fidelity of one run.
+
+    With `train_images`, an SQS model is also read with the gain reading (fitted on them) and
+    both readings' fidelity is measured; `reading` picks the one `dec` holds: a reading name,
+    or "best" (the higher test logit R²; the first-order one without fidelity numbers)."""
     model, cfg = load_run(run_dir)
     dec = decompose(model, force=force)
     dataset = dataset or dataset_of(cfg)
-    fid, err = None, None
+    decs = {"first-order": dec}
+    if train_images is not None and not dec.exact and dec.gate == "sqs":
+        decs["gain"] = decompose(model, reading="gain", fit_images=train_images)
+    fids, err = {}, None
     if with_fidelity:
         try:
             if test is None:
                 if dataset is None:
                     raise ValueError("the run config names no dataset; pass one")
                 test = load_test(dataset, data_dir)
-            fid = fidelity(model, dec, test[0], test[1], ks=ks)
+            fids = {r: fidelity(model, d, test[0], test[1], ks=ks) for r, d in decs.items()}
         except Exception as e:  # the figures are still useful without the numbers
             err = f"{type(e).__name__}: {e}"
-    return RunAnalysis(Path(run_dir), model, cfg, dec, dataset, fid, err)
+    readings = {r: {"dec": d, "fidelity": fids.get(r)} for r, d in decs.items()}
+    a = RunAnalysis(Path(run_dir), model, cfg, dec, dataset, fids.get("first-order"), err,
+                    readings if len(decs) > 1 else None)
+    if reading == "best":
+        reading = best_reading([a])
+    return a.with_reading(reading)
+
+
+def best_reading(analyses: list[RunAnalysis]) -> str:
+    """The reading with the highest mean test logit R² over these runs, among the readings every
+    run has (the first-order one when none has several, or without fidelity numbers)."""
+    common = None
+    for a in analyses:
+        have = {r for r, x in (a.readings or {}).items() if x["fidelity"]}
+        common = have if common is None else common & have
+    if not common:
+        return "first-order"
+    return max(sorted(common), key=lambda r: (sum(a.readings[r]["fidelity"]["logit_r2"] for a in analyses),
+                                              r == "first-order"))
 
 
 # --------------------------------------------------------------------------- the experiment
@@ -163,53 +210,93 @@ def pairings(bil: dict[int, Decomposition], sq: dict[int, Decomposition], measur
 
 def run_experiment(runs_dir="runs", out="results/spectra", seeds: int = 5, datasets=("mnist", "fashion-mnist"),
                    epochs: int = 20, report_only: bool = False, data_dir: str | None = None,
-                   explain_index: int = 0) -> dict:
+                   explain_index: int = 0, splits=((0, 1), (1, 2)), reading: str = "best", k: int = 10,
+                   frontier_json: str | Path | None = "results/frontier/frontier.json") -> dict:
     """Train what is missing (unless report_only), decompose everything, write summary.md/json + figures.
 
-    Runs live at `runs_dir/sec41/<dataset>/<gate>-s<seed>`.
+    Runs live at `runs_dir/sec41/<dataset>/<gate>-s<seed>`; `splits` adds, per (init, data) pair,
+    Bilinear and SQS runs at init seed `init` trained on data seed `data`
+    (`<gate>-i<init>-d<data>`): the same-init baselines of the fair agreement table. SQS is read
+    with `reading` ("best": the most faithful of first-order and gain, by test logit R²); the
+    agreement table lists it and the paper's first-order reading. `frontier_json`: a frontier
+    report whose recommended setting is shown beside the default (skipped when absent).
     """
     out = Path(out)
     fig2 = fig2_reference()
     summary = {"runs_dir": str(Path(runs_dir) / CONFIG), "seeds": seeds, "epochs": epochs, "space": "pixel",
+               "splits": [list(x) for x in splits],
                "paper": {"cos_min": fig2["cos_min"], "cos_top": fig2["cos_top"]}, "datasets": {}, "missing": []}
     figures: dict[str, list[tuple[str, str]]] = {}
     for ds in datasets:
         # 1. train (one call per missing run)
         runs: dict[str, dict[int, Path]] = {g: {} for g in GATES}
-        for gate in GATES:
-            for seed in range(seeds):
-                rd = run_dir(runs_dir, CONFIG, ds, gate, seed)
-                if not is_finished(rd):
-                    if report_only:
-                        summary["missing"].append(str(rd))
-                        continue
-                    check_no_legacy(runs_dir, CONFIG, ds, gate, seed)
-                    _say(f"[spectra] training {ds} {gate} seed {seed} -> {rd}")
-                    train_one(ds, gate, seed, epochs, rd, data_dir=data_dir)
+        split_runs: dict[tuple, Path] = {}
+        todo = [(g, s, None, None) for g in GATES for s in range(seeds)]
+        todo += [(g, i, i, d) for i, d in splits for g in GATES]
+        for gate, seed, init, dseed in todo:
+            rd = run_dir(runs_dir, CONFIG, ds, gate, seed, init_seed=init, data_seed=dseed)
+            if not is_finished(rd):
+                if report_only:
+                    summary["missing"].append(str(rd))
+                    continue
+                check_no_legacy(runs_dir, CONFIG, ds, gate, seed)
+                _say(f"[spectra] training {ds} {rd.name} -> {rd}")
+                train_one(ds, gate, seed, epochs, rd, data_dir=data_dir, init_seed=init, data_seed=dseed)
+            if init is None:
                 runs[gate][seed] = rd
+            else:
+                split_runs[(gate, init, dseed)] = rd
         if not any(runs.values()):
             _say(f"[spectra] {ds}: no finished runs, skipped")
             continue
-        # 2. analyse
-        test = load_test(ds, data_dir)
-        an = {g: {s: analyse_run(rd, dataset=ds, test=test) for s, rd in sorted(runs[g].items())} for g in GATES}
+        # 2. analyse: every SQS model read first-order and with the gain reading (fitted on train)
+        test, train = load_test(ds, data_dir), load_train(ds, data_dir)
+        an = {g: {s: analyse_run(rd, dataset=ds, test=test, train_images=train) for s, rd in sorted(runs[g].items())}
+              for g in GATES}
+        an_split = {key: analyse_run(rd, dataset=ds, test=test, train_images=train) for key, rd in split_runs.items()}
+        chosen = best_reading(list(an["sqs"].values())) if reading == "best" else reading
+        an = {g: {s: a.with_reading(chosen) for s, a in an[g].items()} for g in GATES}
         decs = {g: {s: a.dec for s, a in an[g].items()} for g in GATES}
         cos = pairings(decs["bilinear"], decs["sqs"], measure=cosine_per_rank)
         best = pairings(decs["bilinear"], decs["sqs"], measure=cosine_best_match)
+        agreement = {}
+        for r in dict.fromkeys([chosen, "first-order"]):
+            keyed = {(g, s, s): a.with_reading(r).dec for g in GATES for s, a in an[g].items()}
+            keyed.update({key: a.with_reading(r).dec for key, a in an_split.items()})
+            agreement[r] = {name: agreement_brief(p, k=k) for name, p in baseline_pairs(keyed).items() if p}
         figures[ds] = report.spectra_figures(an, cos, ds, out, explain_index, test, reference_lines())
         summary["datasets"][ds] = {
             "runs": {g: {str(s): str(rd) for s, rd in runs[g].items()} for g in GATES},
-            "cosine": {k: cosine_summary(v, best[k], fig2["cos_min"]) for k, v in cos.items()},
+            "split_runs": {"-".join(map(str, key)): str(rd) for key, rd in split_runs.items()},
+            "reading": chosen,
+            "cosine": {k_: cosine_summary(v, best[k_], fig2["cos_min"]) for k_, v in cos.items()},
+            "agreement": agreement,
+            "verdict": report.verdict(agreement, chosen, fig2),
             "fidelity": {g: {str(s): a.fidelity for s, a in an[g].items()} for g in GATES},
+            "fidelity_by_reading": {r: [a.readings[r]["fidelity"] for a in an["sqs"].values()
+                                        if a.readings and r in a.readings]
+                                    for r in ("first-order", "gain")},
             "spectrum_top5_share": {g: [float((a.dec.eigenvalues[:, :5].abs().sum(-1)
                                                / a.dec.eigenvalues.abs().sum(-1)).mean()) for a in an[g].values()]
                                     for g in GATES},
             "readings": {g: next(iter(an[g].values())).dec.reading for g in GATES if an[g]},
         }
+    summary["recommended"] = recommended_setting(frontier_json)
     write_json(out / "summary.json", summary)
     write_text(out / "summary.md", report.summary_markdown(summary, figures))
     _say(f"[spectra] wrote {out}/summary.md, summary.json and figures")
     return summary
+
+
+def recommended_setting(frontier_json: str | Path | None) -> dict | None:
+    """The frontier report's recommended SQS setting ({"setting", "label", "criterion", "acc"}), or None."""
+    if not frontier_json or not Path(frontier_json).exists():
+        return None
+    try:
+        rec = json.loads(Path(frontier_json).read_text()).get("facts", {}).get("recommendation") or None
+    except (OSError, json.JSONDecodeError):
+        return None
+    return rec and {**rec, "source": str(frontier_json)}
 
 
 

@@ -9,9 +9,11 @@ from pathlib import Path
 from sqs.experiments.config import paper_reference
 from sqs.experiments.style import DATASET_SHORT, fmt
 from sqs.interp import plots
-from sqs.interp.spectra import model_logits
+from sqs.interp.spectra import READING_LABELS, model_logits
 
 GATES = ("bilinear", "sqs")
+#: "≈ cos_top" in the paper's claim, read as at least cos_top - COS_TOP_TOL.
+COS_TOP_TOL = 0.05
 PAIRINGS = {
     "sqs_vs_bilinear_same_seed": "SQS vs Bilinear, same seed",
     "sqs_vs_bilinear_cross_seed": "SQS vs Bilinear, different seeds",
@@ -42,14 +44,16 @@ def spectra_figures(an: dict, cos: dict, ds: str, out: Path, explain_index: int,
     truncated surrogate. Returns (relative path, caption) pairs for summary.md."""
     ds_out = out / ds
     figs = []
+    sq = next(iter(an["sqs"].values()), None) if an.get("sqs") else None
+    rlabel = f"SQS: {READING_LABELS[sq.dec.method][1]}" if sq is not None else "SQS: first-order reading"
     curves = {PAIRINGS[k]: v for k, v in cos.items()}
     if curves:
         p = plots.save(plots.plot_cosine_per_rank(curves, title=f"{ds}: |cos| per rank, pixel space "
-                                                  "(SQS: first-order reading)\nmean over classes and seed "
+                                                  f"({rlabel}; ranks by |λ|)\nmean over classes and seed "
                                                   "pairs, band ±1 std", reference=reference), ds_out / "cosine_per_rank.png")
         figs.append((str(p.relative_to(out)), "cosine per rank, all ranks"))
         p = plots.save(plots.plot_cosine_per_rank(curves, max_rank=20, title=f"{ds}: |cos| per rank, top 20 "
-                                                  "(SQS: first-order reading)", reference=reference),
+                                                  f"({rlabel}; ranks by |λ|)", reference=reference),
                        ds_out / "cosine_per_rank_top20.png")
         figs.append((str(p.relative_to(out)), "cosine per rank, top 20 ranks"))
     # figures of the first seed of each gate
@@ -57,8 +61,8 @@ def spectra_figures(an: dict, cos: dict, ds: str, out: Path, explain_index: int,
     if len(s0) == 2:
         p = plots.save(plots.plot_comparison_grid({an[g][s0[g]].title: an[g][s0[g]].dec for g in GATES},
                                                   classes=range(5), n=2, dataset=ds,
-                                                  title=f"{ds}: top eigenvectors, Bilinear vs SQS (first-order "
-                                                        "reading), seed " + str(s0['sqs'])),
+                                                  title=f"{ds}: top eigenvectors, Bilinear vs SQS ({rlabel}), "
+                                                        "seed " + str(s0['sqs'])),
                        ds_out / "eigenvectors_side_by_side.png")
         figs.append((str(p.relative_to(out)), "Fig. 2 style: Bilinear vs SQS top eigenvectors, 5 classes"))
     for g, s in s0.items():
@@ -78,7 +82,7 @@ def spectra_figures(an: dict, cos: dict, ds: str, out: Path, explain_index: int,
     fids = {an[g][s].title: an[g][s].fidelity for g in GATES for s in list(an[g])[:1] if an[g][s].fidelity}
     if fids:
         p = plots.save(plots.plot_truncation(fids, title=f"{ds}: truncated eigen-surrogate accuracy (seed 0; "
-                                             "dotted: model)\nSQS: first-order reading"), ds_out / "truncation.png")
+                                             "dotted: model)\n" + rlabel), ds_out / "truncation.png")
         figs.append((str(p.relative_to(out)), "truncated surrogate accuracy"))
     return figs
 
@@ -87,16 +91,40 @@ def summary_markdown(summary: dict, figures: dict | None = None) -> str:
     fig2 = fig2_reference()
     L = ["# Weight spectra: Bilinear vs SQS (Sec. 4.1, App. B)", ""]
     L.append(f"1-layer GLU classifiers, {summary['seeds']} seeds per gate and dataset, {summary['epochs']} epochs "
-             f"(runs in `{summary['runs_dir']}`). Bilinear = identity gate: the eigendecomposition is exact. SQS: "
-             "**first-order reading** (the SQS gate treated as the identity, as in the paper); how faithful that "
-             "reading is, is measured below. Eigenvectors are compared in **pixel space** (u = E^T q): the models "
+             f"(runs in `{summary['runs_dir']}`). Bilinear = identity gate: the eigendecomposition is exact. SQS is "
+             "read two ways: the paper's **first-order reading** (the SQS gate treated as the identity) and the "
+             "**gain reading** (each hidden unit's gate replaced by its least-squares gain on the training images); "
+             "figures use the more faithful of the two (higher test logit R², named in every title and below), and "
+             "the fidelity of both is measured on the test set. Eigenvectors are compared in **pixel space** (u = E^T q): the models "
              "have different embeddings E, so embedding-space vectors of two models are not comparable. |cos| is "
              "taken between eigenvectors of equal rank (rank = order by |λ| within each class), then averaged over "
              "the 10 classes and the seed pairs.")
     if summary["missing"]:
         L += ["", f"**Missing runs (not included):** {', '.join(summary['missing'])}"]
+    rec = summary.get("recommended")
+    L += ["", "Gate: the paper's default SQS (c = 0.01, λ = 0.5, p = 1)."
+          + (f" Recommended by the frontier ({rec['source']}): **{rec['label']}** ({rec['criterion']})." if rec else
+             " (No frontier results found: run `sqs experiment frontier` for a recommended setting.)")]
     for ds, d in summary["datasets"].items():
-        L += ["", f"## {ds}", "", "### |cos| per rank", ""]
+        L += ["", f"## {ds}", ""]
+        if d.get("verdict"):
+            L += ["**Verdict.** " + d["verdict"], ""]
+        if d.get("agreement"):
+            from sqs.experiments.frontier_report import baseline_table
+
+            L += [f"### Fair agreement (positive side, signed order; SQS read with the {d['reading']} reading and "
+                  "the first-order one)", ""] + baseline_table(d["agreement"])
+            L += ["", "Per class, eigenvectors of positive eigenvalue (largest first) in pixel space; per-rank |cos|, "
+                      "best match (optimal one-to-one assignment within the top 10), top-10 subspace overlap (mean "
+                      "squared canonical cosine), cosine of the whole quadratic forms; mean over classes and pairs. "
+                      "Baselines: the same gate at the same init with another data seed (what a reader can expect of a "
+                      "gate against itself), the same gate at other inits, SQS vs Bilinear at the same and at other inits."]
+        fr_ = d.get("fidelity_by_reading") or {}
+        if any(fr_.values()):
+            header, rows = fidelity_table({f"SQS, {r} reading": v for r, v in fr_.items() if v})
+            L += ["", "### Fidelity of each reading of SQS (test set; gain fitted on the training images)", "",
+                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+        L += ["", "### |cos| per rank (ranks by |λ|, the earlier convention)", ""]
         L.append("| pairing | pairs | rank 1 | rank 2 | rank 3 | rank 4 | rank 5 | min top-10 | min top-20 | "
                  "min all ranks | first rank < 0.5 | best-match ranks 1-5 |")
         L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -125,6 +153,46 @@ def summary_markdown(summary: dict, figures: dict | None = None) -> str:
             for path, cap in figs:
                 L.append(f"- [{ds}: {cap}]({path})")
     return "\n".join(L) + "\n"
+
+
+def verdict(agreement: dict, reading: str, fig2: dict) -> str:
+    """One paragraph on the paper's Fig. 2 claim, computed from the fair agreement table."""
+    def get(r, name):
+        return (agreement.get(r) or {}).get(name)
+
+    parts = []
+    for r in dict.fromkeys([reading, "first-order"]):
+        a = get(r, "sqs_vs_bilinear_same_init")
+        if not a:
+            continue
+        ranks = [v for v in a["positive"]["per_rank"] if v is not None]
+        if not ranks:
+            continue
+        holds_min, holds_top = min(ranks) >= fig2["cos_min"], ranks[0] >= fig2["cos_top"] - COS_TOP_TOL
+        parts.append(f"With the {r} reading, SQS and Bilinear trained from the same init agree at rank 1 with mean "
+                     f"|cos| {ranks[0]:.2f} and at least {min(ranks):.2f} over ranks 1–{len(ranks)} of the positive side "
+                     f"(best match, mean over those ranks, {_mean([v for v in a['positive']['best_match'] if v is not None]):.2f}; "
+                     f"top-10 overlap "
+                     f"{a['positive']['overlap']:.2f}): the paper's claim ({fig2['claim']}) "
+                     + ("holds." if holds_min and holds_top else
+                        "holds for the floor but not at the top." if holds_min else
+                        "holds at the top but not as a floor." if holds_top else "does not hold."))
+    b = get(reading, "bilinear_same_init") or get("first-order", "bilinear_same_init")
+    x = get(reading, "sqs_vs_bilinear_same_init")
+    if b and x and b["positive"]["overlap"] is not None and x["positive"]["overlap"] is not None:
+        parts.append(f"For scale: two Bilinear models from the same init with other data agree with top-10 overlap "
+                     f"{b['positive']['overlap']:.2f} (rank 1 |cos| {b['positive']['per_rank'][0]:.2f}); SQS vs "
+                     f"Bilinear reaches {x['positive']['overlap']:.2f}, "
+                     + ("as close as Bilinear is to itself." if x["positive"]["overlap"] >= b["positive"]["overlap"]
+                        else "less than Bilinear agrees with itself."))
+    o = get(reading, "sqs_vs_bilinear_other_init")
+    if o and o["positive"]["overlap"] is not None:
+        parts.append(f"From different inits the overlap is {o['positive']['overlap']:.2f}.")
+    return " ".join(parts)
+
+
+def _mean(v) -> float:
+    return statistics.fmean(v) if v else float("nan")
 
 
 def _claims(cos: dict, fig2: dict) -> list[str]:

@@ -27,7 +27,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from sqs.experiments.config import check_no_legacy, config_name, run_dir
 from sqs.experiments.image import ImageRunConfig, load_config, run_image
@@ -151,10 +151,15 @@ def _prefetch(datasets: Iterable[str], cache_dir, progress: bool) -> None:
 
 
 def run_grid(specs: Sequence[RunSpec], workers: int = 2, threads: int = 1, cache_dir=None, progress: bool = True,
-             run_bars: bool = True, log_dir: str | Path | None = None) -> dict:
+             run_bars: bool = True, log_dir: str | Path | None = None, desc: str = "table1 runs",
+             on_finish: Callable[[str, bool, Any], None] | None = None) -> dict:
     """Train every unfinished run of `specs` (finished ones are skipped, interrupted ones
     resume from their checkpoint); return a summary. Failures are collected, not raised,
-    so one bad run does not stop the grid; the summary lists them."""
+    so one bad run does not stop the grid; the summary lists them.
+
+    Other grids reuse this runner: `desc` names the progress bar, and `on_finish(name, ok,
+    info)` is called after each run (info: {"wall_s", "test_loss", "test_acc"}, or the
+    traceback of a failed run), e.g. to write a progress log."""
     from tqdm.auto import tqdm
 
     check_existing(specs)
@@ -166,7 +171,7 @@ def run_grid(specs: Sequence[RunSpec], workers: int = 2, threads: int = 1, cache
         _prefetch((s.dataset for s in todo), cache_dir, progress)
     workers = max(1, min(workers, len(todo))) if todo else 0
     summary["workers"] = workers
-    bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc="table1 runs", unit="run", position=0,
+    bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc=desc, unit="run", position=0,
                disable=not progress, dynamic_ncols=True)
 
     def finished(name: str, ok: bool, info: Any) -> None:
@@ -179,6 +184,8 @@ def run_grid(specs: Sequence[RunSpec], workers: int = 2, threads: int = 1, cache
             summary["failed"].append({"run": name, "error": info})
             tqdm.write(f"run {name} failed:\n{info}", file=sys.stderr)
         bar.update(1)
+        if on_finish is not None:
+            on_finish(name, ok, info)
 
     try:
         if workers == 1:
