@@ -282,7 +282,10 @@ def analyse(analyses: dict[str, LMAnalysis], tokens=DEFAULT_TOKENS, k: int = 10,
             n_tokens: int = 8) -> dict:
     """Fidelity, token read-outs and token-space agreement of the loaded models (keys 'bilinear-s0',
     'sqs-s0', optionally 'sqs-s1'), for `tokens` plus each layer's top-promoted token of Bilinear."""
-    ref, sqs = analyses["bilinear-s0"], analyses["sqs-s0"]
+    missing = [m for m in ("bilinear-s0", "sqs-s0") if m not in analyses]
+    if missing:
+        raise LMSpectraError(f"analyse: needs the runs {', '.join(missing)}")
+    ref = analyses["bilinear-s0"]
     fixed, skipped = _pick_tokens(ref, tokens)
     res = {"tokens_skipped": skipped, "k": k, "layers": []}
     for layer in range(ref.n_layers):
@@ -354,6 +357,3 @@ def run_experiment(config: str | os.PathLike = "tinystories-cpu", out: str | os.
     write_report(res, out)
     return res
 
-
-def minutes(s: float | None) -> str:
-    return "—" if s is None or (isinstance(s, float) and math.isnan(s)) else f"{s / 60:.0f} min"

@@ -21,8 +21,8 @@ MODEL_ORDER = ("bilinear-s0", "sqs-s0", "sqs-s1")
 def slug(text: str) -> str:
     """A file-name-safe name of a token ('.' -> 'dot', ' happy' -> 'happy')."""
     s = re.sub(r"[^A-Za-z0-9]+", "_", text.strip()).strip("_")
-    return s or {".": "dot", ",": "comma", "!": "bang", "?": "question", "\n": "newline"}.get(text.strip(),
-                                                                                        "tok" + "_".join(str(ord(c)) for c in text))
+    names = {".": "dot", ",": "comma", "!": "bang", "?": "question", "": "space"}
+    return s or names.get(text.strip(), "tok" + "_".join(str(ord(c)) for c in text))
 
 
 def _tok(t: str) -> str:
@@ -283,8 +283,8 @@ def summary_md(res: dict, figs: list[tuple[str, str]]) -> str:
            "the tokens at its + end (sign fixed so the largest-|projection| token is positive; the quadratic form "
            "ignores the sign). More ranks and both ends are in summary.json."]
     for j, d in enumerate(L0["directions"]):
-        md += ["", f"### Direction {d['label']!r}", "", "| layer | model | token | λ+1 | + end of q+1 | λ−1 | + end of q−1 |",
-               "|---:|---|---|---:|---|---:|---|"]
+        md += ["", f"### Direction {d['label']!r}", "",
+               "| layer | model | token | λ+1 | + end of q+1 | λ−1 | + end of q−1 |", "|---:|---|---|---:|---|---:|---|"]
         for L in res["layers"]:
             for name in models:
                 r = L["models"][name]["reads"][j]

@@ -488,6 +488,6 @@ def token_agreement(B_a: torch.Tensor, X_a: torch.Tensor, B_b: torch.Tensor, X_b
 __all__ = [
     "GAIN_READING", "LayerInputs", "Spectrum", "TokenList", "Example", "direct_contribution", "direction_matrices",
     "direction_matrix", "direction_norms", "eig_signed", "glu_weights", "layer_inputs", "lm_fidelity", "max_activating",
-    "mean_inv_rms", "orient", "read_tokens", "render", "split_windows", "token_agreement", "token_directions", "token_id", "token_profiles",
-    "token_inputs", "top_promoted",
+    "mean_inv_rms", "orient", "read_tokens", "render", "split_windows", "token_agreement", "token_directions",
+    "token_id", "token_inputs", "token_profiles", "top_promoted",
 ]
