@@ -225,3 +225,16 @@ def test_analysis_refuses_a_gate_without_a_quadratic_reading(experiment, cache):
     with pytest.raises(ValueError, match="relu"):
         lm_spectra.read_direction(an, 0, token=".")
     assert math.isfinite(an.scale) and an.idx.shape == (2, 32)
+
+
+def test_the_demo_report_links_to_the_lm_spectra_summary_only_if_present(tmp_path):
+    from sqs.experiments.demo import link_lm_spectra
+    from sqs.experiments.doc import Doc
+
+    doc = Doc(tmp_path / "report")
+    assert not link_lm_spectra(doc, tmp_path / "results" / "lm_spectra") and doc.markdown() == "\n"
+    (tmp_path / "results" / "lm_spectra").mkdir(parents=True)
+    (tmp_path / "results" / "lm_spectra" / "summary.md").write_text("# x\n")
+    assert link_lm_spectra(doc, tmp_path / "results" / "lm_spectra")
+    assert "](../results/lm_spectra/summary.md)." in doc.markdown()
+    assert 'href="../results/lm_spectra/summary.md"' in doc.html("t")

@@ -18,7 +18,6 @@ for Bilinear, the paper's reading for SQS); the fidelity table also scores the g
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -55,7 +54,7 @@ TOP_PROMOTED = "top-promoted"
 DEFAULT_TOKENS = (" happy", " dog", ".")
 RUNS = (("bilinear", 0), ("sqs", 0), ("sqs", 1))  # same init (seed 0) per gate, + the different-seed baseline
 KS = (1, 4, 16, None)
-DEFAULT_WINDOWS = 64
+DEFAULT_WINDOWS = 128
 SIDES = ("positive", "negative")
 
 

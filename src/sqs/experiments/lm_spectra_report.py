@@ -45,7 +45,7 @@ def _draw_spectrum(ax, lam: list[float], color: str, title: str) -> None:
     ax.tick_params(labelsize=7)
 
 
-def _token_text(res: dict, n_vec: int = 2, n_tok: int = 6) -> str:
+def _token_text(res: dict, n_vec: int = 2, n_tok: int = 5) -> str:
     lines = []
     for side, mark in (("positive", "+"), ("negative", "−")):
         for row in res["sides"][side][:n_vec]:
@@ -81,8 +81,8 @@ def plot_direction(L_by_layer: list[dict], j: int, models: list[str], path) -> P
     import matplotlib.pyplot as plt
 
     n = len(L_by_layer)
-    fig, axes = plt.subplots(n, 2 * len(models), figsize=(7.5 * len(models), 2.4 * n), squeeze=False,
-                             gridspec_kw={"width_ratios": [1, 1.3] * len(models)})
+    fig, axes = plt.subplots(n, 2 * len(models), figsize=(9.5 * len(models), 2.3 * n), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 1.9] * len(models)})
     for r, L in enumerate(L_by_layer):
         for c, name in enumerate(models):
             res = L["models"][name]["reads"][j]
@@ -90,7 +90,10 @@ def plot_direction(L_by_layer: list[dict], j: int, models: list[str], path) -> P
                            f"{name}, layer {L['layer']}")
             t = axes[r, 2 * c + 1]
             t.axis("off")
-            t.text(0, 1, _token_text(res), va="top", ha="left", family="monospace", fontsize=7, transform=t.transAxes)
+            t.text(0.02, 1, _token_text(res), va="top", ha="left", family="monospace", fontsize=7,
+                   transform=t.transAxes)
+            if r < n - 1:
+                axes[r, 2 * c].set_xlabel("")
     d = L_by_layer[0]["directions"][j]
     fig.suptitle(f"B_u for u = token {d['token']!r}: signed spectrum and the top tokens (+ end) of the top two "
                  "eigenvectors per side", fontsize=10)
@@ -257,7 +260,8 @@ def summary_md(res: dict, figs: list[tuple[str, str]]) -> str:
     md += ["", "## Fidelity", "",
            "R² of the quadratic form against the layer's direct contribution u·MLP(n) on held-out positions, "
            "pooled over the directions; sign = sign agreement; top-k = the k largest-|λ| eigenvectors only.", "",
-           "| model | layer | reading | R² | sign | " + " | ".join(f"R² top-{k}" for k in ks) + " |",
+           "| model | layer | reading | R² | sign | " + " | ".join(f"R² top-{k}" if k != "all" else "R² all"
+                                                                  for k in ks) + " |",
            "|---|---:|---|---:|---:|" + "---:|" * len(ks)]
     for L in res["layers"]:
         for name in models:
@@ -265,17 +269,19 @@ def summary_md(res: dict, figs: list[tuple[str, str]]) -> str:
             readings = ("first_order",) if name.startswith("bilinear") else ("first_order", "gain")
             for rd in readings:
                 tr = f[rd]["truncated"]
-                md.append(f"| {name} | {L['layer']} | {'exact' if name.startswith('bilinear') else rd} | "
+                label = "exact" if name.startswith("bilinear") else rd.replace("_", "-")
+                md.append(f"| {name} | {L['layer']} | {label} | "
                           f"{fmt(f[rd]['r2'])} | {fmt(f[rd]['sign_agreement'], 3)} | "
                           + " | ".join(fmt(tr[k]["r2"], 3) for k in ks) + " |")
     md += ["", "R² per direction, sqs-s0 (first-order / gain):", "",
-           "| layer | " + " | ".join(d["label"] if d["label"] != "top-promoted" else "top-promoted"
+           "| layer | " + " | ".join(_tok(d["label"]) if d["label"] != "top-promoted" else "top-promoted"
                                     for d in L0["directions"]) + " |",
            "|---:|" + "---|" * len(L0["directions"])]
     for L in res["layers"]:
         f = L["models"]["sqs-s0"]["fidelity"]
-        cells = [f"{fo:.3f} / {g:.3f}" for fo, g in zip(f["first_order"]["r2_per_direction"],
-                                                        f["gain"]["r2_per_direction"])]
+        cells = [(f"{_tok(d['token'])}: " if d["label"] == "top-promoted" else "") + f"{fo:.3f} / {g:.3f}"
+                 for d, fo, g in zip(L["directions"], f["first_order"]["r2_per_direction"],
+                                     f["gain"]["r2_per_direction"])]
         md.append(f"| {L['layer']} | " + " | ".join(cells) + " |")
     # tokens
     md += ["", "## Top tokens of the top eigenvectors", "",
@@ -284,7 +290,8 @@ def summary_md(res: dict, figs: list[tuple[str, str]]) -> str:
            "ignores the sign). More ranks and both ends are in summary.json."]
     for j, d in enumerate(L0["directions"]):
         md += ["", f"### Direction {d['label']!r}", "",
-               "| layer | model | token | λ+1 | + end of q+1 | λ−1 | + end of q−1 |", "|---:|---|---|---:|---|---:|---|"]
+               "| layer | model | token | λ+1 | + end of q+1 | λ−1 | + end of q−1 |",
+               "|---:|---|---|---:|---|---:|---|"]
         for L in res["layers"]:
             for name in models:
                 r = L["models"][name]["reads"][j]
