@@ -201,9 +201,11 @@ def verdict(res: dict) -> list[str]:
             xa = np.nanmean([_top_mean(a[s]["best_match"]) for s in ("positive", "negative")])
             xb = np.nanmean([_top_mean(b[s]["best_match"]) for s in ("positive", "negative")])
             rel = ("higher than" if xa > xb + 0.05 else "lower than" if xa < xb - 0.05 else "about the same as")
-            line += (f". That is {rel} the SQS-vs-SQS different-seed baseline ({xb:.2f} vs {xa:.2f}, mean best "
-                     "match over both sides)" + (": the shared initialisation, not the gate, decides which features "
-                                                 "appear" if xa > xb + 0.05 else "") + ".")
+            why = (": the features follow the shared initialisation more than the gate" if xa > xb + 0.05 else
+                   ": changing the gate changes the features more than changing the seed" if xa < xb - 0.05 else
+                   ": the gate changes the features about as much as a different seed does")
+            line += (f". That is {rel} the SQS-vs-SQS different-seed baseline ({xa:.2f} vs {xb:.2f}, mean best "
+                     f"match over both sides){why}.")
         else:
             line += ". The SQS different-seed baseline (sqs-s1) is missing, so it is not yet known how much of this "\
                     "a different seed would give."
