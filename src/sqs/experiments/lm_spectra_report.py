@@ -33,6 +33,10 @@ def _toks(ts: list[str], n: int = 6) -> str:
     return " ".join(_tok(t) for t in ts[:n])
 
 
+def _ends(row: dict | None, n: int = 5) -> str:
+    return "—" if row is None else f"+ {_toks(row['plus'], n)} / − {_toks(row['minus'], n)}"
+
+
 # ----------------------------------------------------------------------------- figures
 
 
@@ -45,12 +49,13 @@ def _draw_spectrum(ax, lam: list[float], color: str, title: str) -> None:
     ax.tick_params(labelsize=7)
 
 
-def _token_text(res: dict, n_vec: int = 2, n_tok: int = 5) -> str:
+def _token_text(res: dict, n_vec: int = 2, n_tok: int = 4) -> str:
     lines = []
     for side, mark in (("positive", "+"), ("negative", "−")):
         for row in res["sides"][side][:n_vec]:
             lines.append(f"λ{mark}{row['rank']} = {row['eigenvalue']:+.3g}")
-            lines.append("  " + " ".join(repr(t) for t in row["plus"][:n_tok]))
+            lines.append("  + " + " ".join(repr(t) for t in row["plus"][:n_tok]))
+            lines.append("  − " + " ".join(repr(t) for t in row["minus"][:n_tok]))
     return "\n".join(lines) or "(no eigenvalues)"
 
 
@@ -95,8 +100,8 @@ def plot_direction(L_by_layer: list[dict], j: int, models: list[str], path) -> P
             if r < n - 1:
                 axes[r, 2 * c].set_xlabel("")
     d = L_by_layer[0]["directions"][j]
-    fig.suptitle(f"B_u for u = token {d['token']!r}: signed spectrum and the top tokens (+ end) of the top two "
-                 "eigenvectors per side", fontsize=10)
+    fig.suptitle(f"B_u for u = token {d['token']!r}: signed spectrum and the tokens at both ends (+/−) of the top "
+                 "two eigenvectors per side", fontsize=10)
     fig.tight_layout()
     out = save_figure(fig, path)
     plt.close(fig)
@@ -288,11 +293,13 @@ def summary_md(res: dict, figs: list[tuple[str, str]]) -> str:
     # tokens
     md += ["", "## Top tokens of the top eigenvectors", "",
            "Per direction and layer: the largest positive (λ+1) and most negative (λ−1) eigenvector, each read as "
-           "the tokens at its + end (sign fixed so the largest-|projection| token is positive; the quadratic form "
-           "ignores the sign). More ranks and both ends are in summary.json."]
+           "the tokens whose input projects most positively (+) and most negatively (−) on it. An eigenvector's sign "
+           "is arbitrary (the quadratic form ignores it; it is fixed so the largest-|projection| token is at the + "
+           "end), so the same feature can appear with its ends swapped in two models. More ranks are in "
+           "summary.json."]
     for j, d in enumerate(L0["directions"]):
         md += ["", f"### Direction {d['label']!r}", "",
-               "| layer | model | token | λ+1 | + end of q+1 | λ−1 | + end of q−1 |",
+               "| layer | model | token | λ+1 | q+1: + end / − end | λ−1 | q−1: + end / − end |",
                "|---:|---|---|---:|---|---:|---|"]
         for L in res["layers"]:
             for name in models:
@@ -300,8 +307,7 @@ def summary_md(res: dict, figs: list[tuple[str, str]]) -> str:
                 p = r["sides"]["positive"][0] if r["sides"]["positive"] else None
                 n = r["sides"]["negative"][0] if r["sides"]["negative"] else None
                 md.append(f"| {L['layer']} | {name} | {_tok(r['token'])} | {fmt(p and p['eigenvalue'], 3)} | "
-                          f"{_toks(p['plus']) if p else '—'} | {fmt(n and n['eigenvalue'], 3)} | "
-                          f"{_toks(n['plus']) if n else '—'} |")
+                          f"{_ends(p)} | {fmt(n and n['eigenvalue'], 3)} | {_ends(n)} |")
         ex = [(name, L0["models"][name]["reads"][j]["sides"]["positive"]) for name in models]
         lines = [f"- {name}, q+1: " + " · ".join(f"`{e}`" for e in rows[0].get("examples", [])) for name, rows in ex
                  if rows and rows[0].get("examples")]
