@@ -124,13 +124,13 @@ class LMAnalysis:
         except ValueError as e:
             raise LMSpectraError(f"{e} of this run's tokenizer") from None
 
-    def top_promoted(self, layer: int) -> int:
-        """The token this layer's MLP promotes most on average over the validation windows."""
+    def top_promoted(self, layer: int, exclude=()) -> int:
+        """The token this layer's MLP promotes most on average over the validation windows (skipping `exclude`)."""
         W, V, P, gate, kw = glu_weights(self.lm.model.blocks[self.check_layer(layer)].mlp)
         vocab = self.lm.model.tok_emb.weight.shape[0]
-        ids, _ = top_promoted(W, V, P, self.directions(range(vocab)), k=1, by="mean", n=self.inputs.pre_mlp[layer],
-                              gate=gate, gate_kwargs=kw)
-        return int(ids[0])
+        ids, _ = top_promoted(W, V, P, self.directions(range(vocab)), k=len(exclude) + 1, by="mean",
+                              n=self.inputs.pre_mlp[layer], gate=gate, gate_kwargs=kw)
+        return next(int(i) for i in ids if int(i) not in set(exclude))
 
     def decode(self, i: int) -> str:
         return self.lm.tokenizer.decode([int(i)], skip_special_tokens=False)
@@ -280,7 +280,8 @@ def _pick_tokens(an: LMAnalysis, tokens) -> tuple[list[tuple[str, int]], list[st
 def analyse(analyses: dict[str, LMAnalysis], tokens=DEFAULT_TOKENS, k: int = 10, n_show: int = 3,
             n_tokens: int = 8) -> dict:
     """Fidelity, token read-outs and token-space agreement of the loaded models (keys 'bilinear-s0',
-    'sqs-s0', optionally 'sqs-s1'), for `tokens` plus each layer's top-promoted token of Bilinear."""
+    'sqs-s0', optionally 'sqs-s1'), for `tokens` plus each layer's top-promoted token of Bilinear (the
+    one it promotes most among the tokens not already in `tokens`)."""
     missing = [m for m in ("bilinear-s0", "sqs-s0") if m not in analyses]
     if missing:
         raise LMSpectraError(f"analyse: needs the runs {', '.join(missing)}")
@@ -288,7 +289,7 @@ def analyse(analyses: dict[str, LMAnalysis], tokens=DEFAULT_TOKENS, k: int = 10,
     fixed, skipped = _pick_tokens(ref, tokens)
     res = {"tokens_skipped": skipped, "k": k, "layers": []}
     for layer in range(ref.n_layers):
-        dirs = fixed + [(TOP_PROMOTED, ref.top_promoted(layer))]
+        dirs = fixed + [(TOP_PROMOTED, ref.top_promoted(layer, exclude=[i for _, i in fixed]))]
         ids = [i for _, i in dirs]
         L = {"layer": layer, "directions": [{"label": lab, "token_id": i, "token": ref.decode(i)} for lab, i in dirs],
              "models": {}, "agreement": {}}
