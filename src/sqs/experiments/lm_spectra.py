@@ -304,6 +304,8 @@ def analyse(analyses: dict[str, LMAnalysis], tokens=DEFAULT_TOKENS, k: int = 10,
             B[name], X[name] = direction_matrices(W, V, P, U), an.token_inputs(layer)
             reads = [describe(an, layer, i, Spectrum.of(B[name][j]), gate, k=n_show, n_tokens=n_tokens,
                               examples=2, label=lab) for j, (lab, i) in enumerate(dirs)]
+            for r in reads:
+                r.pop("run_dir")  # named once, under "runs"
             L["models"][name] = {"gate": gate, "fidelity": fid, "reads": reads}
         pairs = {"sqs-s0 vs bilinear-s0": ("sqs-s0", "bilinear-s0"), "sqs-s0 vs sqs-s1": ("sqs-s0", "sqs-s1")}
         for label, (a, b) in pairs.items():
@@ -350,8 +352,8 @@ def run_experiment(config: str | os.PathLike = "tinystories-cpu", out: str | os.
     res = analyse(analyses, tokens=tokens, k=k)
     res.update(config=config_name(base.name), windows=int(next(iter(analyses.values())).idx.shape[0]),
                context=int(next(iter(analyses.values())).idx.shape[1]), missing=missing,
-               runs={f"{g}-s{s}": {key: (str(v) if isinstance(v, Path) else v) for key, v in r.items()}
-                     for (g, s), r in runs.items()},
+               runs={f"{g}-s{s}": {**r, "run_dir": Path(r["run_dir"]).relative_to(runs_dir).as_posix()}
+                     for (g, s), r in runs.items()},  # relative to --runs-dir: the report names no machine paths
                threads=torch.get_num_threads())
     res["analysis_s"] = time.perf_counter() - t0
     write_report(res, out)
