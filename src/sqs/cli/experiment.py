@@ -1,4 +1,4 @@
-"""`sqs experiment table1|spectra|tinystories`: a paper experiment end to end, results to --out.
+"""`sqs experiment table1|spectra|tinystories|lm-spectra`: a paper experiment end to end, results to --out.
 
 Runs go to RUNS/<config>/<dataset>/<gate>-s<seed> (--runs-dir RUNS, default runs/), e.g.
 runs/sec42/mnist/sqs-s0, runs/sec41/fashion-mnist/bilinear-s3, runs/tinystories-cpu/tinystories/sqs-s0.
@@ -105,6 +105,18 @@ def _frontier(args) -> int:
     return 0
 
 
+def _lm_spectra(args) -> int:
+    from sqs.experiments.lm_spectra import run_experiment
+
+    overrides = list(args.overrides) + [f"train.{k}={v}" for k, v in lm_length(args).items()]
+    res = run_experiment(args.config, out=args.out, runs_dir=args.runs_dir, train=not args.no_train,
+                         tokens=args.directions, windows=args.windows, k=args.k, overrides=overrides,
+                         cache_dir=args.cache_dir, device=args.device, progress=not args.no_progress)
+    print(f"wrote {args.out}/summary.md, summary.json and figures (analysis {res['analysis_s']:.0f} s)")
+    print("\n".join(f"- {v}" for v in res["verdict"]))
+    return 0
+
+
 def register(sub, groups) -> None:
     from sqs.experiments.image import DATASETS
     from sqs.functional import GATES
@@ -185,3 +197,24 @@ def register(sub, groups) -> None:
                    help="after training, time every gate's training step interleaved this many rounds "
                         "(results/lm/throughput.json; 0 skips it)")
     e.set_defaults(func=_tinystories)
+
+    from sqs.experiments.lm_spectra import DEFAULT_TOKENS, DEFAULT_WINDOWS
+
+    e = groups["experiment"].add_parser(
+        "lm-spectra", help="TinyStories GLU layers as quadratic forms over tokens: SQS vs Bilinear",
+        description="Read every GLU layer of the TinyStories bilinear-s0 and sqs-s0 runs (same initialisation) as "
+                    "quadratic forms for a few token directions: spectra, top tokens, fidelity, token-space "
+                    "agreement with the sqs-s1 different-seed baseline. Trains missing or unfinished runs first "
+                    "(unless --no-train); writes summary.md, summary.json and figures to --out.")
+    add_lm_common(e)
+    e.add_argument("--out", default="results/lm_spectra", help="report folder (default: %(default)s)")
+    e.add_argument("--runs-dir", default="runs", help=RUNS_HELP)
+    e.add_argument("--no-train", action="store_true",
+                   help="train nothing: analyse the finished runs, report unfinished ones as missing")
+    e.add_argument("--directions", nargs="+", default=list(DEFAULT_TOKENS), metavar="TOKEN",
+                   help="token directions (plus each layer's top-promoted token), default: "
+                        + " ".join(repr(t) for t in DEFAULT_TOKENS))
+    e.add_argument("--windows", type=positive_int, default=DEFAULT_WINDOWS,
+                   help="validation windows analysed (half fit the gain reading, half are scored; default: %(default)s)")
+    e.add_argument("--k", type=positive_int, default=10, help="eigenvectors per side compared (default: %(default)s)")
+    e.set_defaults(func=_lm_spectra)

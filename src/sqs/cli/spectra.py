@@ -1,4 +1,4 @@
-"""`sqs spectra decompose|compare|explain`: the weight-spectra analysis on your own runs."""
+"""`sqs spectra decompose|compare|explain|lm`: the weight-spectra analysis on your own runs."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import functools
 import sys
 
 from sqs.cli._args import nonneg_int, positive_int
+from sqs.io import UserError
 
 
 def _clean_errors(fn):
@@ -15,7 +16,7 @@ def _clean_errors(fn):
     def wrapper(args):
         try:
             lines = fn(args)
-        except (ValueError, FileNotFoundError) as e:
+        except (ValueError, FileNotFoundError, UserError) as e:
             print(f"sqs spectra: {e}", file=sys.stderr)
             return 2
         print("\n".join(lines))
@@ -41,6 +42,13 @@ def _explain(args) -> list[str]:
 
     return explain_run(args.run_dir, args.index, out=args.out, dataset=args.dataset, data_dir=args.data_dir,
                        force=args.force, top=args.top)[1]
+
+
+def _lm(args) -> list[str]:
+    from sqs.experiments.lm_spectra import spectra_lm
+
+    return spectra_lm(args.run_dir, args.layer, token=args.token, direction=args.direction, k=args.k, out=args.out,
+                      cache_dir=args.cache_dir, windows=args.windows, force=args.force)[1]
 
 
 def register(sub, groups) -> None:
@@ -75,3 +83,22 @@ def register(sub, groups) -> None:
     p.add_argument("--data-dir")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=_clean_errors(_explain))
+
+    p = g.add_parser("lm", help="one GLU layer of a language-model run as a quadratic form over tokens",
+                     description="For one token's output direction u at one GLU layer of a `sqs train lm` run: the "
+                                 "signed spectrum of B_u (first-order reading), the tokens at both ends of its top "
+                                 "eigenvectors per side and, for layer 0, the validation contexts that excite them "
+                                 "most; writes a figure and JSON to --out.")
+    p.add_argument("run_dir")
+    p.add_argument("--layer", type=nonneg_int, required=True, help="GLU layer, 0-based")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--token", help="one token of the run's tokenizer, e.g. ' happy' (mind the leading space)")
+    which.add_argument("--direction", choices=["top-promoted"],
+                       help="top-promoted: the token this layer promotes most on validation text")
+    p.add_argument("--k", type=positive_int, default=3, help="eigenvectors per side (default: %(default)s)")
+    p.add_argument("--out", help="output folder (default RUN_DIR/spectra)")
+    p.add_argument("--windows", type=positive_int, default=16,
+                   help="validation windows for the top-promoted token and layer-0 examples (default: %(default)s)")
+    p.add_argument("--cache-dir", help="data cache holding the TinyStories validation split (default: the cache)")
+    p.add_argument("--force", action="store_true", help="read relu/gelu/swiglu layers anyway (not faithful)")
+    p.set_defaults(func=_clean_errors(_lm))

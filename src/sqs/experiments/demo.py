@@ -10,6 +10,7 @@ accuracy, truncated to the top-k eigenvectors).
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -23,6 +24,21 @@ from sqs.experiments.style import gate_label
 from sqs.interp import plots
 from sqs.interp.spectra import cosine_per_rank, model_logits
 from sqs.io import write_json, write_text
+
+
+LM_SPECTRA = "results/lm_spectra"
+
+
+def link_lm_spectra(doc: Doc, folder: str | Path | None) -> bool:
+    """Add a sentence linking to the language-model spectra summary if `folder`/summary.md exists."""
+    if folder is None or not (Path(folder) / "summary.md").is_file():
+        return False
+    target = Path(os.path.relpath(Path(folder).resolve() / "summary.md", doc.root.resolve()))
+    doc.h(2, "Language models")
+    doc.link("The same reading applied to the GLU layers of the TinyStories language models (each layer's "
+             "contribution to a token's logit as a quadratic form over tokens, SQS vs Bilinear): ",
+             (Path(folder) / "summary.md").as_posix(), target, ".")
+    return True
 
 
 def run_demo(out: str | Path = "report", runs_dir: str | Path = "runs/demo", dataset: str = "mnist",
@@ -58,7 +74,8 @@ def run_demo(out: str | Path = "report", runs_dir: str | Path = "runs/demo", dat
 
 def write_report(run_dirs: dict[str, str | Path], out_dir: str | Path, dataset: str | None = None,
                  data_dir: str | None = None, explain_index: int = 0, classes=None, baseline_dirs: dict | None = None,
-                 seed: int = 0, frontier_json: str | Path | None = None) -> dict[str, Path]:
+                 seed: int = 0, frontier_json: str | Path | None = None,
+                 lm_spectra: str | Path | None = LM_SPECTRA) -> dict[str, Path]:
     """Eigenvector images and fidelity numbers for each run (e.g. {"bilinear": dir, "sqs": dir}).
 
     SQS is drawn with its most faithful reading (first-order or gain, by test logit R², named in
@@ -66,7 +83,8 @@ def write_report(run_dirs: dict[str, str | Path], out_dir: str | Path, dataset: 
     to the agreement table; `frontier_json` a frontier report whose recommended setting is shown.
 
     Writes out_dir/report.md (+ PNGs beside it), out_dir/report.html (images embedded)
-    and out_dir/report.json; returns their paths.
+    and out_dir/report.json; returns their paths. If `lm_spectra`/summary.md exists (written by
+    `sqs experiment lm-spectra`), the report links to it (the demo trains no language model).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,6 +189,7 @@ def write_report(run_dirs: dict[str, str | Path], out_dir: str | Path, dataset: 
                             out / f"explanation_{g}.png")
             doc.img(p3, f"{a.title}: explanation of test image #{explain_index}: contributions λ_k (q_k·x)².")
 
+    link_lm_spectra(doc, lm_spectra)
     title = f"Weight spectra ({dataset})"
     md = write_text(out / "report.md", doc.markdown())
     ht = write_text(out / "report.html", doc.html(title))

@@ -24,6 +24,10 @@ class Doc:
     def table(self, header: list[str], rows: list[list[str]]):
         self.blocks.append(("table", header, rows))
 
+    def link(self, before: str, text: str, target: str | Path, after: str = ""):
+        """A sentence with one link (a relative path for local files)."""
+        self.blocks.append(("link", before, text, str(Path(target).as_posix()), after))
+
     def img(self, path: str | Path, caption: str = ""):
         self.blocks.append(("img", Path(path), caption))
 
@@ -34,6 +38,8 @@ class Doc:
                 out.append("#" * b[1] + " " + b[2])
             elif b[0] == "p":
                 out.append(b[1])
+            elif b[0] == "link":
+                out.append(f"{b[1]}[{b[2]}]({b[3]}){b[4]}")
             elif b[0] == "table":
                 header, rows = b[1], b[2]
                 cell = lambda c: str(c).replace("|", "\\|")  # noqa: E731 - a pipe would end the cell
@@ -52,6 +58,8 @@ class Doc:
                 body.append(f"<h{b[1]}>{esc(b[2])}</h{b[1]}>")
             elif b[0] == "p":
                 body.append(f"<p>{esc(b[1])}</p>")
+            elif b[0] == "link":
+                body.append(f'<p>{esc(b[1])}<a href="{esc(b[3])}">{esc(b[2])}</a>{esc(b[4])}</p>')
             elif b[0] == "table":
                 head = "".join(f"<th>{esc(str(c))}</th>" for c in b[1])
                 rows = "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in r) + "</tr>" for r in b[2])

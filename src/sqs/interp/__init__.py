@@ -18,6 +18,8 @@ from sqs.interp.agreement import (  # noqa: F401
     form_cosine,
     pairings,
     side_indices,
+    summarise,
+    vector_agreement,
 )
 from sqs.interp.readings import READINGS, fit_quadratic_forms, unit_gains  # noqa: F401
 

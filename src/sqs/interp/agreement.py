@@ -24,6 +24,11 @@ exist: per_rank entries beyond min(ka, kb) and best_match entries of A's ranks b
 min(ka, kb) (or beyond ka) are NaN, the overlap averages over min(ka, kb) canonical
 angles and is NaN when a side is empty. Summaries skip NaN and report how many
 (pair, class) values each rank rests on.
+
+The matching itself (`vector_agreement`, `summarise`) takes any per-side unit vectors in a
+space both models share; `sqs.interp.lm_quadratic.token_profiles` gives a language model's
+eigenvectors as centred token-projection profiles over the vocabulary, so the same code
+compares two decoders by the correlation of those profiles.
 """
 
 from __future__ import annotations
@@ -69,7 +74,7 @@ def side_indices(eigenvalues: torch.Tensor, side: str, k: int, tol: float = ZERO
 
 
 def _side_pair(ua: torch.Tensor, ub: torch.Tensor, k: int) -> dict:
-    """Agreement of two sets of unit pixel vectors (ka, P) and (kb, P), ka, kb <= k."""
+    """Agreement of two sets of unit vectors (ka, P) and (kb, P) in one shared space, ka, kb <= k."""
     ka, kb = ua.shape[0], ub.shape[0]
     m = min(ka, kb)
     per_rank = np.full(k, np.nan)
@@ -110,6 +115,32 @@ def form_cosine(dec_a: Decomposition, dec_b: Decomposition, centered: bool = Fal
     return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, math.nan)).numpy()
 
 
+def vector_agreement(eig_a: torch.Tensor, vec_a: torch.Tensor, eig_b: torch.Tensor, vec_b: torch.Tensor,
+                     k: int = DEFAULT_K, tol: float = ZERO_TOL) -> dict:
+    """The per-side agreement of two models' features given as unit vectors in one shared space.
+
+    eig_a (C, d) eigenvalues in |lambda| order per group (class, token direction, ...); vec_a
+    (C, d, P) the matching features as unit vectors in a space both models share (pixel space
+    for image classifiers; centred, unit token-projection profiles for language models, so
+    that |cos| is |correlation|). Same for B. Returns {"k", "n_classes", "positive" |
+    "negative" | "abs": {"per_rank" (C, k), "best_match" (C, k), "match" (C, k), "overlap" (C,),
+    "n_a" (C,), "n_b" (C,)}} as numpy arrays, NaN where a rank does not exist.
+    """
+    k = _check_k(k)
+    if eig_a.shape[0] != eig_b.shape[0]:
+        raise ValueError(f"agreement: {eig_a.shape[0]} vs {eig_b.shape[0]} classes")
+    if vec_a.shape[-1] != vec_b.shape[-1]:
+        raise ValueError(f"agreement: feature vectors of length {vec_a.shape[-1]} vs {vec_b.shape[-1]}; "
+                         "both models must be read in the same space")
+    out = {"k": k, "n_classes": int(eig_a.shape[0])}
+    for side in SIDES:
+        ia, ib = side_indices(eig_a, side, k, tol), side_indices(eig_b, side, k, tol)
+        per = [_side_pair(vec_a[c, ia[c]].to(torch.float64), vec_b[c, ib[c]].to(torch.float64), k)
+               for c in range(eig_a.shape[0])]
+        out[side] = {key: np.stack([np.asarray(p[key]) for p in per]) for key in per[0]}
+    return out
+
+
 def agreement(dec_a: Decomposition, dec_b: Decomposition, k: int = DEFAULT_K, tol: float = ZERO_TOL) -> dict:
     """Agreement of two models' features, per class (see the module docstring).
 
@@ -121,12 +152,7 @@ def agreement(dec_a: Decomposition, dec_b: Decomposition, k: int = DEFAULT_K, to
     k = _check_k(k)
     if dec_a.n_classes != dec_b.n_classes:
         raise ValueError(f"agreement: {dec_a.n_classes} vs {dec_b.n_classes} classes")
-    out = {"k": k, "n_classes": dec_a.n_classes}
-    for side in SIDES:
-        ia, ib = side_indices(dec_a.eigenvalues, side, k, tol), side_indices(dec_b.eigenvalues, side, k, tol)
-        per = [_side_pair(dec_a.pixel[c, ia[c]].to(torch.float64), dec_b.pixel[c, ib[c]].to(torch.float64), k)
-               for c in range(dec_a.n_classes)]
-        out[side] = {key: np.stack([np.asarray(p[key]) for p in per]) for key in per[0]}
+    out = vector_agreement(dec_a.eigenvalues, dec_a.pixel, dec_b.eigenvalues, dec_b.pixel, k=k, tol=tol)
     out["form_cosine"] = form_cosine(dec_a, dec_b)
     out["form_cosine_centered"] = form_cosine(dec_a, dec_b, centered=True)
     return out
@@ -175,10 +201,19 @@ def agreement_summary(pairs: list[tuple], k: int = DEFAULT_K, tol: float = ZERO_
     if not pairs:
         raise ValueError("agreement_summary: no pairs to compare")
     res = [agreement(a, b, k=k, tol=tol) for a, b in pairs]
-    out = {"n_pairs": len(res), "k": k}
+    return summarise(res, extra=("form_cosine", "form_cosine_centered"))
+
+
+def summarise(results: list[dict], extra: tuple[str, ...] = ()) -> dict:
+    """Mean ± std over every (pair, group) of a list of `vector_agreement` / `agreement` results,
+    JSON-ready: {"n_pairs", "k", side: {"per_rank", "best_match": {"mean": [k], "std": [k], "n": [k]},
+    "overlap": {"mean", "std", "n"}}, and each key of `extra` (per-group arrays) as {"mean", "std", "n"}}."""
+    if not results:
+        raise ValueError("agreement: no results to summarise")
+    out = {"n_pairs": len(results), "k": results[0]["k"]}
     for side in SIDES:
-        out[side] = {m: _stats(np.concatenate([r[side][m] for r in res])) for m in ("per_rank", "best_match")}
-        out[side]["overlap"] = _stats(np.concatenate([r[side]["overlap"] for r in res]))
-    for m in ("form_cosine", "form_cosine_centered"):
-        out[m] = _stats(np.concatenate([r[m] for r in res]))
+        out[side] = {m: _stats(np.concatenate([r[side][m] for r in results])) for m in ("per_rank", "best_match")}
+        out[side]["overlap"] = _stats(np.concatenate([r[side]["overlap"] for r in results]))
+    for m in extra:
+        out[m] = _stats(np.concatenate([r[m] for r in results]))
     return out

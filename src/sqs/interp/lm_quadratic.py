@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from sqs.functional import canonical_gate, gate_fn
+from sqs.interp.agreement import DEFAULT_K, ZERO_TOL, vector_agreement
 from sqs.interp.readings import unit_gains
 from sqs.interp.spectra import (
     DEFAULT_KS,
@@ -449,9 +450,44 @@ def split_windows(n: torch.Tensor, fit_frac: float = 0.5) -> tuple[torch.Tensor,
     return n[:cut], n[cut:]
 
 
+
+# --------------------------------------------------------------------------- agreement in token space
+
+
+def token_profiles(Q: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """Each eigenvector's projection on every token input, centred over the vocabulary and of unit norm.
+
+    Q (..., k, d) eigenvectors as rows, X (V, d) token inputs (`token_inputs`) -> (..., k, V).
+    Two models' residual bases differ, so their eigenvectors are compared through these profiles:
+    the cosine of two centred unit profiles is their Pearson correlation over the vocabulary.
+    """
+    prof = Q.to(F64) @ X.to(F64).T
+    prof = prof - prof.mean(-1, keepdim=True)
+    return prof / prof.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+
+
+def token_agreement(B_a: torch.Tensor, X_a: torch.Tensor, B_b: torch.Tensor, X_b: torch.Tensor,
+                    k: int = DEFAULT_K, tol: float = ZERO_TOL) -> dict:
+    """Fair agreement of two models' eigenvectors for the same output directions, in token space.
+
+    B_a (K, d_a, d_a) and B_b (K, d_b, d_b): the matrices of the same K directions (e.g. the same
+    tokens) in two models; X_a (V, d_a), X_b (V, d_b): each model's token inputs over one shared
+    vocabulary. The eigenvectors become `token_profiles` and go through the image analysis'
+    matching (`sqs.interp.agreement.vector_agreement`: signed sides, per-rank |corr|, best
+    one-to-one match, subspace overlap), so per_rank etc. are |correlations| of profiles.
+    """
+    if B_a.shape[0] != B_b.shape[0]:
+        raise ValueError(f"token_agreement: {B_a.shape[0]} vs {B_b.shape[0]} directions")
+    if X_a.shape[0] != X_b.shape[0]:
+        raise ValueError(f"token_agreement: vocabularies of {X_a.shape[0]} vs {X_b.shape[0]} tokens; "
+                         "token-space agreement needs one shared tokenizer")
+    lam_a, Q_a = eig_sorted(B_a.to(F64))
+    lam_b, Q_b = eig_sorted(B_b.to(F64))
+    return vector_agreement(lam_a, token_profiles(Q_a, X_a), lam_b, token_profiles(Q_b, X_b), k=k, tol=tol)
+
 __all__ = [
     "GAIN_READING", "LayerInputs", "Spectrum", "TokenList", "Example", "direct_contribution", "direction_matrices",
     "direction_matrix", "direction_norms", "eig_signed", "glu_weights", "layer_inputs", "lm_fidelity", "max_activating",
-    "mean_inv_rms", "orient", "read_tokens", "render", "split_windows", "token_directions", "token_id",
-    "token_inputs", "top_promoted",
+    "mean_inv_rms", "orient", "read_tokens", "render", "split_windows", "token_agreement", "token_directions",
+    "token_id", "token_inputs", "token_profiles", "top_promoted",
 ]
