@@ -383,7 +383,7 @@ def analyse(spec: FrontierSpec, data: tuple, options: dict, partner: Path | None
         out["fidelity"], out["reading_seconds"] = fid, secs
         if partner is not None and is_complete(partner):
             bil = decompose(load_image_model(partner)[0])
-            out["partner"] = str(partner)
+            out["partner"] = "/".join(Path(partner).parts[-3:])  # <config>/<dataset>/<run>: no machine path
             out["agreement"] = {r: agreement_brief([(d, bil)], k=options["k"]) for r, d in decs.items()}
     out["analysis_seconds"] = time.perf_counter() - t0
     return out
