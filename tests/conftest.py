@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from typing import Callable
 
 import pytest
@@ -31,3 +33,19 @@ def glu_pair() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
         return w.requires_grad_(), v.requires_grad_()
 
     return make
+
+
+#: Vocabulary of the tiny BPE tokenizer the LM tests train on the shipped TinyStories sample.
+TINY_VOCAB = 300
+
+
+@pytest.fixture(scope="session")
+def tinystories_cache(tmp_path_factory) -> Path:
+    """A cache holding the shipped TinyStories sample, imported and tokenized once per session
+    (vocabulary TINY_VOCAB), for every test that builds a tiny language-model run."""
+    from sqs.data import tinystories as ts
+
+    c = tmp_path_factory.mktemp("tinystories-cache")
+    ts.fetch(src=ts.sample_dir(), cache_dir=c, progress=False)
+    ts.prepare(cache_dir=c, vocab_size=TINY_VOCAB, progress=False)
+    return c

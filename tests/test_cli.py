@@ -24,7 +24,7 @@ from sqs.training.checkpoint import CheckpointError, content_hash, load_checkpoi
 from sqs.training.rundir import RunConfigMismatch, prepare_run_dir, read_history
 from sqs.training.trainer import CheckpointCorrupt, _resume_from, is_complete, make_optimizer, TrainConfig
 
-VOCAB = 300
+from conftest import TINY_VOCAB as VOCAB  # noqa: E402
 TINY_TOML = """
 name = "tiny"
 [model]
@@ -47,17 +47,12 @@ eval_batch = 8
 """
 
 
-@pytest.fixture(autouse=True)
-def _eager(eager_backend):
-    yield
+pytestmark = pytest.mark.usefixtures("eager_backend")  # same math as compiled, no Inductor start-up
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    c = tmp_path_factory.mktemp("cache")
-    ts.fetch(src=ts.sample_dir(), cache_dir=c, progress=False)
-    ts.prepare(cache_dir=c, vocab_size=VOCAB, progress=False)
-    return c
+def cache(tinystories_cache):
+    return tinystories_cache
 
 
 @pytest.fixture(scope="module")

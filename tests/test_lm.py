@@ -22,7 +22,7 @@ from sqs.models.gpt import GPT, GPTConfig
 from sqs.training.checkpoint import load_weights, read_meta
 from sqs.training.trainer import TrainingDiverged
 
-VOCAB = 300
+from conftest import TINY_VOCAB as VOCAB  # noqa: E402
 TINY = dict(vocab_size=VOCAB, n_layers=2, d_model=32, n_heads=2, d_hidden=32, context=32, batch_size=8,
             lr=3e-3, grad_clip=1.0, eval_windows=32, eval_batch=32, eval_every=5)
 TINY_TOML = """
@@ -48,18 +48,12 @@ eval_batch = 16
 """
 
 
-@pytest.fixture(autouse=True)
-def _eager(eager_backend):
-    """The fused SQS op's eager backend: same math, no Inductor compile in the tests."""
-    yield
+pytestmark = pytest.mark.usefixtures("eager_backend")  # same math as compiled, no Inductor start-up
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    c = tmp_path_factory.mktemp("cache")
-    ts.fetch(src=ts.sample_dir(), cache_dir=c, progress=False)
-    ts.prepare(cache_dir=c, vocab_size=VOCAB, progress=False)
-    return c
+def cache(tinystories_cache):
+    return tinystories_cache
 
 
 def tiny_cfg(**kw) -> lm.LMRunConfig:

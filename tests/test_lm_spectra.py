@@ -18,7 +18,7 @@ from sqs.data import tinystories as ts
 from sqs.experiments import lm_spectra
 from sqs.interp.lm_quadratic import token_agreement, token_profiles
 
-VOCAB = 300
+from conftest import TINY_VOCAB as VOCAB  # noqa: E402
 TINY_TOML = """
 name = "tiny-lmspec"
 [model]
@@ -42,17 +42,12 @@ eval_batch = 8
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _eager(eager_backend):
-    yield
+pytestmark = pytest.mark.usefixtures("eager_backend")  # same math as compiled, no Inductor start-up
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    c = tmp_path_factory.mktemp("cache")
-    ts.fetch(src=ts.sample_dir(), cache_dir=c, progress=False)
-    ts.prepare(cache_dir=c, vocab_size=VOCAB, progress=False)
-    return c
+def cache(tinystories_cache):
+    return tinystories_cache
 
 
 @pytest.fixture(scope="module")
