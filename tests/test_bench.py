@@ -1,5 +1,8 @@
 """The benchmark commands run end to end and report every variant against SwiGLU."""
 
+import pytest
+import torch
+
 from sqs.cli import main
 
 
@@ -35,3 +38,10 @@ def test_bench_head_chunked_loss_uses_less_memory_than_plain(capsys, tmp_path):
     # 2,048 tokens x 4,096 vocab: the plain form holds full logits (32 MiB each), the chunked one a 512-row chunk
     assert float(rows["chunked"][4].rstrip(" |")) < 0.5, rows
     assert "vocab 4,096" in out.read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_bench_on_cuda_without_a_gpu_is_one_line(capsys):
+    assert main(["bench", "ops", "--numel", "1024", "--reps", "1", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--device cuda" in err[0] and "Traceback" not in err[0]

@@ -25,6 +25,30 @@ OP_VARIANTS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 }
 
 
+def _liger_swiglu() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """Liger-Kernel's fused SwiGLU (silu(a) * b in one Triton kernel), the GPU baseline, when installed."""
+    try:
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+    except Exception:  # not installed, or no Triton/CUDA: the variant is simply left out
+        return None
+    return lambda w, v: LigerSiLUMulFunction.apply(v, w)
+
+
+def op_variants(device: torch.device) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """OP_VARIANTS, plus Liger's SwiGLU as a second baseline on CUDA when `liger-kernel` imports."""
+    out = dict(OP_VARIANTS)
+    liger = _liger_swiglu() if device.type == "cuda" else None
+    if liger is not None:
+        out["swiglu-liger"] = liger
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    """CUDA runs asynchronously: a timer must wait for the kernels it times."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @dataclass
 class BenchResult:
     name: str
@@ -32,12 +56,20 @@ class BenchResult:
     peak_bytes: int | None
 
 
-def _peak_bytes(fn: Callable[[], None]) -> int | None:
+def _peak_bytes(fn: Callable[[], None], device: torch.device | None = None) -> int | None:
     """Peak bytes allocated above the starting level while `fn` runs.
 
-    CPU tensors have no `max_memory_allocated`; the profiler's allocation events
-    carry the allocator's running total, whose maximum is the peak.
+    On CUDA the caching allocator keeps the peak itself. CPU tensors have no
+    `max_memory_allocated`; the profiler's allocation events carry the allocator's
+    running total, whose maximum is the peak.
     """
+    if device is not None and device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - start
     try:
         from torch._C._profiler import _ExtraFields_Allocation
         from torch.profiler import ProfilerActivity, profile
@@ -60,16 +92,21 @@ def _peak_bytes(fn: Callable[[], None]) -> int | None:
     return max(total for _, _, total in allocs) - base
 
 
-def time_interleaved(fns: dict[str, Callable[[], None]], reps: int = 10, warmup: int = 2) -> dict[str, list[float]]:
-    """Run every function `warmup` times, then `reps` rounds of one call each, in turn."""
+def time_interleaved(fns: dict[str, Callable[[], None]], reps: int = 10, warmup: int = 2,
+                     device: torch.device | None = None) -> dict[str, list[float]]:
+    """Run every function `warmup` times, then `reps` rounds of one call each, in turn
+    (on CUDA each call is timed from a synchronised start to a synchronised end)."""
+    device = device or torch.device("cpu")
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for k, fn in fns.items():
+            _sync(device)
             t0 = time.perf_counter()
             fn()
+            _sync(device)
             times[k].append(time.perf_counter() - t0)
     return times
 
@@ -82,17 +119,17 @@ def _fwd_bwd(op, w, v, g) -> Callable[[], None]:
 
 
 def bench_ops(numel: int = 8 * 2**20, reps: int = 10, dtype: torch.dtype = torch.float32,
-              variants: list[str] | None = None) -> list[BenchResult]:
-    names = variants or list(OP_VARIANTS)
+              variants: list[str] | None = None, device: str | torch.device = "cpu") -> list[BenchResult]:
+    device = torch.device(device)
+    table = op_variants(device)
+    names = variants or list(table)
     cols = 1024
     rows = max(1, numel // cols)
     gen = torch.Generator().manual_seed(0)
-    w = torch.randn(rows, cols, generator=gen, dtype=dtype)
-    v = torch.randn(rows, cols, generator=gen, dtype=dtype)
-    g = torch.randn(rows, cols, generator=gen, dtype=dtype)
-    fns = {n: _fwd_bwd(OP_VARIANTS[n], w, v, g) for n in names}
-    times = time_interleaved(fns, reps=reps)
-    return [BenchResult(n, statistics.median(times[n]), _peak_bytes(fns[n])) for n in names]
+    w, v, g = (torch.randn(rows, cols, generator=gen, dtype=dtype).to(device) for _ in range(3))
+    fns = {n: _fwd_bwd(table[n], w, v, g) for n in names}
+    times = time_interleaved(fns, reps=reps, device=device)
+    return [BenchResult(n, statistics.median(times[n]), _peak_bytes(fns[n], device)) for n in names]
 
 
 def _glu_step(gate: str, fused: bool, x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> Callable[[], None]:
@@ -115,20 +152,23 @@ GLU_VARIANTS = {  # name -> (gate, fused)
 }
 
 
-def bench_glu(batch: int, width: int, reps: int = 10, dtype: torch.dtype = torch.float32) -> list[BenchResult]:
+def bench_glu(batch: int, width: int, reps: int = 10, dtype: torch.dtype = torch.float32,
+              device: str | torch.device = "cpu") -> list[BenchResult]:
     """1-layer GLU, matmuls included: x (batch, width) -> [W;V] (2w) -> gate -> P (width)."""
+    device = torch.device(device)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, width, generator=gen, dtype=dtype)
-    w_in = torch.randn(2 * width, width, generator=gen, dtype=dtype) / width**0.5
-    w_out = torch.randn(width, width, generator=gen, dtype=dtype) / width**0.5
+    x = torch.randn(batch, width, generator=gen, dtype=dtype).to(device)
+    w_in = (torch.randn(2 * width, width, generator=gen, dtype=dtype) / width**0.5).to(device)
+    w_out = (torch.randn(width, width, generator=gen, dtype=dtype) / width**0.5).to(device)
     fns = {n: _glu_step(g, f, x, w_in, w_out) for n, (g, f) in GLU_VARIANTS.items()}
-    times = time_interleaved(fns, reps=reps)
+    times = time_interleaved(fns, reps=reps, device=device)
     return [BenchResult(n, statistics.median(times[n]), None) for n in GLU_VARIANTS]
 
 
-def format_ops_table(results: list[BenchResult], numel: int, dtype: torch.dtype) -> str:
+def format_ops_table(results: list[BenchResult], numel: int, dtype: torch.dtype, device: str = "cpu") -> str:
+    on = "" if torch.device(device).type == "cpu" else f", on {torch.cuda.get_device_name(device)}"
     return _ratio_table(results, "swiglu", f"gate op forward+backward, {numel:,} elements, "
-                        f"{str(dtype).replace('torch.', '')}")
+                        f"{str(dtype).replace('torch.', '')}{on}")
 
 
 def _ratio_table(results: list[BenchResult], base_name: str, what: str) -> str:

@@ -18,14 +18,26 @@ def _dtype(name: str):
     return getattr(torch, name)
 
 
+def _device(name: str) -> str:
+    """`--device`: cpu, or cuda / cuda:N when torch sees that GPU (refused in one line otherwise)."""
+    import torch
+
+    from sqs.io import UserError
+
+    if name != "cpu" and not (name.startswith("cuda") and torch.cuda.is_available()):
+        raise UserError(f"sqs bench: --device {name}: torch sees no CUDA device here; use --device cpu")
+    return name
+
+
 def _ops(args) -> int:
     from sqs.bench.ops import bench_ops, format_ops_table
 
     dtype = _dtype(args.dtype)
+    device = _device(args.device)
     tables = []
     for numel in args.numel:
-        res = bench_ops(numel=numel, reps=args.reps, dtype=dtype)
-        tables.append(format_ops_table(res, numel, dtype))
+        res = bench_ops(numel=numel, reps=args.reps, dtype=dtype, device=device)
+        tables.append(format_ops_table(res, numel, dtype, device))
         print(tables[-1] + "\n", flush=True)
     _write(args.out, "sqs bench ops", tables)
     return 0
@@ -53,10 +65,11 @@ def _glu(args) -> int:
     from sqs.bench.ops import bench_glu, format_glu_table
 
     dtype = _dtype(args.dtype)
+    device = _device(args.device)
     cells = list(itertools.product(args.batch, args.width))
     grid = {}
     for b, w in tqdm(cells, desc="glu grid", unit="cell"):
-        grid[(b, w)] = bench_glu(b, w, reps=args.reps, dtype=dtype)
+        grid[(b, w)] = bench_glu(b, w, reps=args.reps, dtype=dtype, device=device)
     table = format_glu_table(grid)
     print(table)
     _write(args.out, "sqs bench glu", [table])
@@ -106,6 +119,7 @@ def register(sub, groups) -> None:
     p.add_argument("--numel", type=positive_int, nargs="+", default=[8 * 2**20], help="elements per tensor (default 8M)")
     p.add_argument("--reps", type=REPS, default=10, help="timed repetitions per variant (median reported; >= 1)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--device", default="cpu", help="cpu (default), or cuda / cuda:N: CUDA timings synchronise around each call; on CUDA with liger-kernel installed, Liger's SwiGLU is a second baseline (bench ops)")
     p.add_argument("--out", help="also write the table(s) to this markdown file")
     p.set_defaults(func=_ops)
 
@@ -116,6 +130,7 @@ def register(sub, groups) -> None:
                    help="widths (paper: 256 512 1024 2048; CPU default a subset)")
     p.add_argument("--reps", type=REPS, default=10)
     p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--device", default="cpu", help="cpu (default), or cuda / cuda:N: CUDA timings synchronise around each call; on CUDA with liger-kernel installed, Liger's SwiGLU is a second baseline (bench ops)")
     p.add_argument("--out", help="also write the table to this markdown file")
     p.set_defaults(func=_glu)
 
