@@ -49,3 +49,25 @@ def tinystories_cache(tmp_path_factory) -> Path:
     ts.fetch(src=ts.sample_dir(), cache_dir=c, progress=False)
     ts.prepare(cache_dir=c, vocab_size=TINY_VOCAB, progress=False)
     return c
+
+
+#: Sizes of the tiny image dataset `write_image_dataset` makes.
+IMG_TRAIN, IMG_TEST = 256, 64
+
+
+def write_image_dataset(folder: Path, seed: int = 0) -> Path:
+    """Four IDX files of a learnable 10-class problem (a fixed template per class plus noise),
+    IMG_TRAIN training and IMG_TEST test images, for the image-experiment tests."""
+    import numpy as np
+
+    from sqs.data.idx import write_idx
+
+    rng = np.random.default_rng(seed)
+    templates = rng.uniform(0, 255, size=(10, 28, 28))
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", IMG_TRAIN), ("t10k", IMG_TEST)):
+        labels = rng.integers(0, 10, size=n).astype(np.uint8)
+        imgs = np.clip(0.6 * templates[labels] + rng.normal(0, 40, size=(n, 28, 28)), 0, 255).astype(np.uint8)
+        write_idx(folder / f"{split}-images-idx3-ubyte", imgs)
+        write_idx(folder / f"{split}-labels-idx1-ubyte", labels)
+    return folder

@@ -9,27 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from sqs.data.idx import write_idx
 from sqs.experiments import frontier as fr
 from sqs.experiments import frontier_report as rep
 from sqs.experiments import image as im
 from sqs.experiments.config import config_names, run_dir, run_name
 
-N_TRAIN, N_TEST = 256, 64
+from conftest import IMG_TEST as N_TEST  # noqa: E402
+from conftest import IMG_TRAIN as N_TRAIN  # noqa: E402
+from conftest import write_image_dataset as _write_dataset  # noqa: E402
 TINY = ["batch_size=32", "model.d_model=8", "model.d_hidden=8", "early_eval_every=0", "eval_points=2",
         "noise_std=0.3", "noise_relative=false", "train.lr=1e-2"]
 
 
-def _write_dataset(folder: Path, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    templates = rng.uniform(0, 255, size=(10, 28, 28))
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", N_TRAIN), ("t10k", N_TEST)):
-        labels = rng.integers(0, 10, size=n).astype(np.uint8)
-        imgs = np.clip(0.6 * templates[labels] + rng.normal(0, 40, size=(n, 28, 28)), 0, 255).astype(np.uint8)
-        write_idx(folder / f"{split}-images-idx3-ubyte", imgs)
-        write_idx(folder / f"{split}-labels-idx1-ubyte", labels)
-    return folder
 
 
 # ----------------------------------------------------------------------------- seed split

@@ -15,6 +15,20 @@ from sqs.cli.train import add_image_common, add_lm_common, finish_dist, is_rank0
 RUNS_HELP = "runs folder: runs go to RUNS_DIR/<config>/<dataset>/<gate>-s<seed> (default: %(default)s)"
 
 
+def _report_grid(name: str, summary: dict) -> None:
+    print(f"{name}: trained {summary['n_trained']}, skipped {summary['n_skipped']} finished, "
+          f"{len(summary['failed'])} failed, wall {summary['wall_s']:.1f} s", file=sys.stderr)
+
+
+def _exit_status(summary: dict | None) -> int:
+    """1 (and the runs named) when a grid had failed runs, else 0."""
+    if summary and summary["failed"]:
+        print("failed runs: " + ", ".join(f["run"] for f in summary["failed"]) + " (re-run the command to retry)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def _table1(args) -> int:
     from sqs.experiments import table1, table1_report
 
@@ -28,16 +42,11 @@ def _table1(args) -> int:
         print(f"table1: {len(specs)} runs in {grid} ({workers} worker(s) x {threads} thread(s))", file=sys.stderr)
         summary = table1.run_grid(specs, workers=workers, threads=threads, cache_dir=args.cache_dir,
                                   progress=not args.no_progress, run_bars=not args.no_run_bars, log_dir=grid)
-        print(f"table1: trained {summary['n_trained']}, skipped {summary['n_skipped']} finished, "
-              f"{len(summary['failed'])} failed, wall {summary['wall_s']:.1f} s", file=sys.stderr)
+        _report_grid("table1", summary)
     paths = table1_report.write_report(args.runs_dir, args.out, config=args.config)
     for p in paths.values():
         print(p)
-    if summary and summary["failed"]:
-        print("failed runs: " + ", ".join(f["run"] for f in summary["failed"]) + " (re-run the command to retry)",
-              file=sys.stderr)
-        return 1
-    return 0
+    return _exit_status(summary)
 
 
 def _spectra(args) -> int:
@@ -87,8 +96,7 @@ def _frontier(args) -> int:
         summary = frontier.run_frontier(specs, workers=workers, threads=args.threads or 1, cache_dir=args.cache_dir,
                                         log=args.log, progress=not args.no_progress,
                                         run_bars=not (args.no_run_bars or args.no_progress))
-        print(f"frontier: trained {summary['n_trained']}, skipped {summary['n_skipped']} finished, "
-              f"{len(summary['failed'])} failed, wall {summary['wall_s']:.1f} s", file=sys.stderr)
+        _report_grid("frontier", summary)
     if not args.train_only:
         from sqs.experiments import frontier_report
 
@@ -98,11 +106,7 @@ def _frontier(args) -> int:
                                              workers=args.workers or frontier.default_workers())
         for p in paths:
             print(p)
-    if summary and summary["failed"]:
-        print("failed runs: " + ", ".join(f["run"] for f in summary["failed"]) + " (re-run the command to retry)",
-              file=sys.stderr)
-        return 1
-    return 0
+    return _exit_status(summary)
 
 
 def _lm_spectra(args) -> int:

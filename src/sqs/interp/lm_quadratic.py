@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from sqs.functional import canonical_gate, gate_fn
-from sqs.interp.agreement import DEFAULT_K, ZERO_TOL, vector_agreement
+from sqs.interp.agreement import DEFAULT_K, ZERO_TOL, side_indices, vector_agreement
 from sqs.interp.readings import unit_gains
 from sqs.interp.spectra import (
     DEFAULT_KS,
@@ -227,15 +227,10 @@ class Spectrum:
 
     def side(self, side: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(lam (k',), Q (k', d)): the k largest positive, or the k most negative, eigenpairs (k' <= k)."""
-        if side == "positive":
-            lam, Q = self.eigenvalues, self.eigenvectors
-            keep = lam > 0
-        elif side == "negative":
-            lam, Q = self.eigenvalues.flip(0), self.eigenvectors.flip(0)
-            keep = lam < 0
-        else:
+        if side not in ("positive", "negative"):
             raise ValueError(f"Spectrum.side: `side` must be 'positive' or 'negative', got {side!r}")
-        return lam[keep][:k], Q[keep][:k]
+        idx = side_indices(self.eigenvalues[None], side, k, tol=0.0)[0]  # the image analysis' side rule
+        return self.eigenvalues[idx], self.eigenvectors[idx]
 
     def by_abs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(lam, Q) in |lam| descending order, as the image analysis and top-k truncations use."""
