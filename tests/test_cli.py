@@ -19,10 +19,11 @@ from safetensors.torch import save_file
 import sqs.cli
 from sqs.cli import main
 from sqs.data import tinystories as ts
-from sqs.experiments import table1
-from sqs.training.checkpoint import CheckpointError, content_hash, load_checkpoint, save_checkpoint
-from sqs.training.rundir import RunConfigMismatch, prepare_run_dir, read_history
-from sqs.training.trainer import CheckpointCorrupt, _resume_from, is_complete, make_optimizer, TrainConfig
+from sqs.experiments.table1 import plan_grid
+from sqs.runs.image_pipeline import check_existing
+from sqs.training.checkpoint import CheckpointCorrupt, CheckpointError, content_hash, load_checkpoint, save_checkpoint
+from sqs.training.rundir import RunConfigMismatch, is_complete, prepare_run_dir, read_history
+from sqs.training.trainer import TrainConfig, _resume_from, make_optimizer
 
 from conftest import TINY_VOCAB as VOCAB  # noqa: E402
 TINY_TOML = """
@@ -141,23 +142,23 @@ def test_sqs_debug_env_shows_the_traceback(tmp_path, capsys, monkeypatch):
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
-    from sqs.experiments import lm
+    from sqs.runs import lm_pipeline
 
     def broken(*a, **k):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(lm, "load_lm", broken)
+    monkeypatch.setattr(lm_pipeline, "load_lm", broken)
     with pytest.raises(KeyError):
         main(["generate", str(tmp_path)])
 
 
 def test_ctrl_c_exits_130(monkeypatch, tmp_path, capsys):
-    from sqs.experiments import lm
+    from sqs.runs import lm_pipeline
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(lm, "load_lm", interrupted)
+    monkeypatch.setattr(lm_pipeline, "load_lm", interrupted)
     assert main(["generate", str(tmp_path)]) == 130
     assert "interrupted" in capsys.readouterr().err
 
@@ -291,14 +292,14 @@ def test_old_gate_names_resume_as_the_same_run(tmp_path):
 
 
 def test_table1_skips_never_started_dirs_and_refuses_trained_ones_in_one_line(tmp_path):
-    specs = table1.plan_grid(tmp_path / "runs", datasets=["mnist"], gates=["sqs"], seeds=1, epochs=1)
+    specs = plan_grid(tmp_path / "runs", datasets=["mnist"], gates=["sqs"], seeds=1, epochs=1)
     rd = specs[0].run_dir
     rd.mkdir(parents=True)
     (rd / "config.json").write_text(json.dumps({"seed": 99}))
-    table1.check_existing(specs)  # a refused start: not a run to protect
+    check_existing(specs)  # a refused start: not a run to protect
     (rd / "checkpoint.safetensors").write_bytes(b"x")
     with pytest.raises(RunConfigMismatch) as info:
-        table1.check_existing(specs)
+        check_existing(specs)
     assert "\n" not in str(info.value) and "--runs-dir" in str(info.value)
 
 

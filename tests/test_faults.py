@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sqs.io import DataWarning, UserError
+from sqs.io import ConfigError, DataWarning, UserError
 from sqs.training.checkpoint import (
     CheckpointCorrupt,
     NonFiniteState,
@@ -29,8 +29,17 @@ from sqs.training.checkpoint import (
     read_meta,
     save_checkpoint,
 )
-from sqs.training.rundir import RunConfigMismatch, RunDirError, RunLock, RunLocked, allow_changes, read_history
-from sqs.training.trainer import ConfigError, TrainConfig, TrainingDiverged, is_complete, read_metrics, train
+from sqs.training.rundir import (
+    RunConfigMismatch,
+    RunDirError,
+    RunLock,
+    RunLocked,
+    allow_changes,
+    is_complete,
+    read_history,
+    read_metrics,
+)
+from sqs.training.trainer import TrainConfig, TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("elapsed_s", "examples_per_s")

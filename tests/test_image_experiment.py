@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from sqs.experiments import image as im
-from sqs.experiments import table1, table1_report
-from sqs.experiments.config import loads_toml, run_dir
+from sqs.experiments.table1 import grid_dir, plan_grid, run_table1
+from sqs.experiments.table1_report import first_crossing, write_report
+from sqs.runs.config_files import loads_toml, parse_override
+from sqs.runs.image_config import ImageRunConfig, config_names, load_config
+from sqs.runs.image_pipeline import ImageTask, load_data, load_image_model, run_image, run_record
 from sqs.training.checkpoint import CheckpointError
-from sqs.training.trainer import is_complete, read_metrics
+from sqs.training.rundir import is_complete, read_metrics
 
 from conftest import IMG_TEST as N_TEST  # noqa: E402
 from conftest import IMG_TRAIN as N_TRAIN  # noqa: E402
@@ -31,11 +33,11 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def data(data_dir):
-    return im.load_data("mnist", data_dir=data_dir)
+    return load_data("mnist", data_dir=data_dir)
 
 
-def _cfg(*extra: str, gate: str = "relu", epochs: int = 3) -> im.ImageRunConfig:
-    return im.load_config("sec42", TINY + [f"model.gate={json.dumps(gate)}", f"epochs={epochs}", *extra])
+def _cfg(*extra: str, gate: str = "relu", epochs: int = 3) -> ImageRunConfig:
+    return load_config("sec42", TINY + [f"model.gate={json.dumps(gate)}", f"epochs={epochs}", *extra])
 
 
 def _strip(recs):
@@ -47,7 +49,7 @@ def _strip(recs):
 
 def test_short_training_lowers_the_loss_and_model_reloads(tmp_path, data):
     cfg = _cfg()
-    recs = im.run_image(cfg, tmp_path / "run", progress=False, data=data)
+    recs = run_image(cfg, tmp_path / "run", progress=False, data=data)
     assert recs[0]["step"] == 0 and recs[-1]["final"]
     assert recs[-1]["step"] == 3 * (N_TRAIN // 32)  # floor(N / batch) steps per epoch
     assert recs[-1]["test_loss"] < recs[0]["test_loss"] - 0.3
@@ -55,7 +57,7 @@ def test_short_training_lowers_the_loss_and_model_reloads(tmp_path, data):
     assert {r["fraction"] for r in recs if "fraction" in r} == {0.25, 0.5, 0.75, 1.0}
     assert is_complete(tmp_path / "run")
 
-    model, config = im.load_image_model(tmp_path / "run")
+    model, config = load_image_model(tmp_path / "run")
     assert config["model"]["gate"] == "relu" and not model.training
     x_te, y_te = data[2], data[3]
     with torch.no_grad():
@@ -64,51 +66,51 @@ def test_short_training_lowers_the_loss_and_model_reloads(tmp_path, data):
 
 
 def test_sqs_gate_trains(tmp_path, data, eager_backend):  # the eager backend: no compile step in a unit test
-    recs = im.run_image(_cfg(gate="sqs", epochs=2), tmp_path / "run", progress=False, data=data)
+    recs = run_image(_cfg(gate="sqs", epochs=2), tmp_path / "run", progress=False, data=data)
     assert recs[-1]["test_loss"] < recs[0]["test_loss"]
 
 
 def test_resume_after_interrupt_reproduces_uninterrupted_run(tmp_path, data):
     cfg = _cfg()
-    full = im.run_image(cfg, tmp_path / "a", progress=False, data=data)
-    part = im.run_image(cfg, tmp_path / "b", progress=False, data=data, stop_after=11)  # between checkpoints
+    full = run_image(cfg, tmp_path / "a", progress=False, data=data)
+    part = run_image(cfg, tmp_path / "b", progress=False, data=data, stop_after=11)  # between checkpoints
     assert not is_complete(tmp_path / "b") and part[-1]["step"] < full[-1]["step"]
-    resumed = im.run_image(cfg, tmp_path / "b", progress=False, data=data)
+    resumed = run_image(cfg, tmp_path / "b", progress=False, data=data)
     assert _strip(resumed) == _strip(full)
     assert _strip(read_metrics(tmp_path / "b")) == _strip(full)
-    ma, _ = im.load_image_model(tmp_path / "a")
-    mb, _ = im.load_image_model(tmp_path / "b")
+    ma, _ = load_image_model(tmp_path / "a")
+    mb, _ = load_image_model(tmp_path / "b")
     for (ka, va), (kb, vb) in zip(ma.state_dict().items(), mb.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
 
 
 def test_load_image_model_rejects_weights_of_another_config(tmp_path, data):
     run = tmp_path / "run"
-    im.run_image(_cfg(epochs=1), run, progress=False, data=data)
+    run_image(_cfg(epochs=1), run, progress=False, data=data)
     config = json.loads((run / "config.json").read_text())
     config["model"]["gate"] = "gelu"  # same shapes, other model
     (run / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="another model config"):
-        im.load_image_model(run)
+        load_image_model(run)
     config["model"]["d_hidden"] = 24
     (run / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError):
-        im.load_image_model(run)
+        load_image_model(run)
     with pytest.raises(FileNotFoundError, match="not a run directory"):
-        im.load_image_model(tmp_path / "nothing")
+        load_image_model(tmp_path / "nothing")
 
 
 def test_task_batches_are_epochs_without_replacement_and_split_consistently():
     n, d, bs = 100, 3, 16
     x = torch.arange(n, dtype=torch.float32)[:, None].repeat(1, d)
     y = torch.arange(n) % 10
-    task = im.ImageTask(x, y, x[:10], y[:10], batch_size=bs, seed=1, noise_std=0.0)
+    task = ImageTask(x, y, x[:10], y[:10], batch_size=bs, seed=1, noise_std=0.0)
     spe = n // bs
     seen = torch.cat([task.batch(t)[0][:, 0] for t in range(spe)]).long()
     assert seen.unique().numel() == spe * bs  # disjoint batches within the epoch
     nxt = torch.cat([task.batch(t)[0][:, 0] for t in range(spe, 2 * spe)]).long()
     assert not torch.equal(seen, nxt)  # a new permutation each epoch
-    noisy = im.ImageTask(x, y, x[:10], y[:10], batch_size=bs, seed=1, noise_std=1.0, grad_accum=2)
+    noisy = ImageTask(x, y, x[:10], y[:10], batch_size=bs, seed=1, noise_std=1.0, grad_accum=2)
     whole = torch.cat([noisy.batch(5, m)[0] for m in range(2)])
     assert torch.equal(noisy.batch(5, 0)[0], noisy.batch(5, 0)[0])  # deterministic in (step, micro)
     ranks = torch.cat([noisy.batch(5, m, r, 2)[0] for m in range(2) for r in range(2)])
@@ -122,8 +124,8 @@ def test_task_batches_are_epochs_without_replacement_and_split_consistently():
 
 
 def test_shipped_configs_match_the_paper_and_round_trip():
-    assert {"sec41", "sec42"} <= set(im.config_names())
-    s41, s42 = im.load_config("sec41"), im.load_config("sec42")
+    assert {"sec41", "sec42"} <= set(config_names())
+    s41, s42 = load_config("sec41"), load_config("sec42")
     assert (s41.model.n_layers, s41.batch_size, s41.model.d_model) == (1, 2048, 128)
     assert (s42.model.n_layers, s42.batch_size, s42.model.d_model) == (2, 512, 128)
     for c in (s41, s42):
@@ -133,28 +135,28 @@ def test_shipped_configs_match_the_paper_and_round_trip():
         assert tc.min_lr == 0.0 and tc.warmup_steps == 0
     assert s41.model.is_quadratic and s41.model.norm == "none"
     assert s42.train_config(60000).steps == 20 * 117 and s41.train_config(60000).steps == 20 * 29
-    cfg = im.load_config("sec42", ["model.gate=bilinear", "seed=3", "train.betas=[0.9, 0.95]",
+    cfg = load_config("sec42", ["model.gate=bilinear", "seed=3", "train.betas=[0.9, 0.95]",
                                    'dataset="fashion-mnist"'])
     assert cfg.model.gate == "bilinear" and cfg.seed == 3 and cfg.dataset == "fashion-mnist"
     text = cfg.to_toml()
-    back = im.ImageRunConfig.from_dict(loads_toml(text))
+    back = ImageRunConfig.from_dict(loads_toml(text))
     assert back == cfg and back.to_toml() == text
 
 
 def test_config_file_and_errors(tmp_path):
     path = tmp_path / "mine.toml"
     path.write_text(_cfg(gate="gelu").to_toml())
-    assert im.load_config(path).model.gate == "gelu"
+    assert load_config(path).model.gate == "gelu"
     with pytest.raises(FileNotFoundError, match="sec42"):
-        im.load_config("no-such-config")
+        load_config("no-such-config")
     with pytest.raises(ValueError, match="unknown key"):
-        im.load_config("sec42", ["model.widht=3"])
+        load_config("sec42", ["model.widht=3"])
     with pytest.raises(ValueError, match="`steps` comes from `epochs`"):
-        im.load_config("sec42", ["train.steps=10"])
+        load_config("sec42", ["train.steps=10"])
     with pytest.raises(ValueError, match="dataset"):
-        im.load_config("sec42", ["dataset=cifar"])
+        load_config("sec42", ["dataset=cifar"])
     with pytest.raises(ValueError, match="key=value"):
-        im.parse_override("model.norm")
+        parse_override("model.norm")
 
 
 # ----------------------------------------------------------------------------- grid and report
@@ -164,19 +166,19 @@ def test_grid_inline_skips_finished_runs_and_writes_the_report(tmp_path):
     cache = tmp_path / "cache"
     _write_dataset(cache / "images" / "mnist")
     runs, out = tmp_path / "runs", tmp_path / "results"
-    specs = table1.plan_grid(runs, datasets=["mnist"], gates=["relu", "bilinear"], seeds=2, epochs=2,
+    specs = plan_grid(runs, datasets=["mnist"], gates=["relu", "bilinear"], seeds=2, epochs=2,
                              overrides=TINY)
     assert [s.run_dir for s in specs][:2] == [runs / "sec42/mnist/relu-s0", runs / "sec42/mnist/bilinear-s0"]
-    s1 = table1.run_grid(specs, workers=1, threads=1, cache_dir=cache, progress=False, log_dir=table1.grid_dir(runs))
+    s1 = run_table1(specs, runs, workers=1, threads=1, cache_dir=cache, progress=False, log_dir=grid_dir(runs))
     assert s1["n_trained"] == 4 and not s1["failed"]
-    s2 = table1.run_grid(specs, workers=1, threads=1, cache_dir=cache, progress=False, log_dir=table1.grid_dir(runs))
+    s2 = run_table1(specs, runs, workers=1, threads=1, cache_dir=cache, progress=False, log_dir=grid_dir(runs))
     assert s2["n_trained"] == 0 and s2["n_skipped"] == 4
     # a run dir made with another config is refused before anything starts
-    other = table1.plan_grid(runs, datasets=["mnist"], gates=["relu"], seeds=1, epochs=3, overrides=TINY)
+    other = plan_grid(runs, datasets=["mnist"], gates=["relu"], seeds=1, epochs=3, overrides=TINY)
     with pytest.raises(ValueError, match="different config"):
-        table1.run_grid(other, workers=1, cache_dir=cache, progress=False)
+        run_table1(other, runs, workers=1, cache_dir=cache, progress=False)
 
-    paths = table1_report.write_report(runs, out)
+    paths = write_report(runs, out)
     assert (out / "table1.md").exists() and (out / "table1.json").exists()
     assert (out / "curves_mnist.png").stat().st_size > 1000
     md = (out / "table1.md").read_text()
@@ -196,10 +198,10 @@ def test_report_from_fake_runs(tmp_path):
     for ds in ("mnist", "fashion-mnist"):
         for gate, speed in (("sqs", 2.0), ("relu", 1.0)):
             for seed in range(2):
-                cfg = im.load_config("sec42", [f'dataset="{ds}"', f"model.gate={gate}", f"seed={seed}"])
-                d = run_dir(runs, "sec42", ds, gate, seed)
+                cfg = load_config("sec42", [f'dataset="{ds}"', f"model.gate={gate}", f"seed={seed}"])
+                d = cfg.run_dir(runs)
                 d.mkdir(parents=True)
-                (d / "config.json").write_text(json.dumps(im.run_record(cfg, 60000, 10000)))
+                (d / "config.json").write_text(json.dumps(run_record(cfg, 60000, 10000)))
                 recs = []
                 for step in range(0, 2341, 117):
                     acc = min(0.99, 0.1 + speed * step / 1000) - 0.001 * seed
@@ -212,11 +214,11 @@ def test_report_from_fake_runs(tmp_path):
                     recs.append(rec)
                 (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
                 (d / "model.safetensors").write_bytes(b"")
-    unfinished = run_dir(runs, "sec42", "mnist", "gelu", 0)
+    cfg = load_config("sec42", ["model.gate=gelu"])
+    unfinished = cfg.run_dir(runs)
     unfinished.mkdir(parents=True)
-    cfg = im.load_config("sec42", ["model.gate=gelu"])
-    (unfinished / "config.json").write_text(json.dumps(im.run_record(cfg, 60000, 10000)))
-    table1_report.write_report(runs, tmp_path / "out")
+    (unfinished / "config.json").write_text(json.dumps(run_record(cfg, 60000, 10000)))
+    write_report(runs, tmp_path / "out")
     md = (tmp_path / "out" / "table1.md").read_text()
     assert "## Fashion-MNIST" in md and "Unfinished runs" in md
     doc = json.loads((tmp_path / "out" / "table1.json").read_text())
@@ -229,9 +231,9 @@ def test_report_from_fake_runs(tmp_path):
 
 
 def test_first_crossing_interpolates():
-    step, at = table1_report.first_crossing([0, 10, 20], [0.1, 0.7, 0.9], 0.8)
+    step, at = first_crossing([0, 10, 20], [0.1, 0.7, 0.9], 0.8)
     assert step == 20 and at == pytest.approx(15.0)
-    assert table1_report.first_crossing([0, 10], [0.1, 0.5], 0.8) is None
+    assert first_crossing([0, 10], [0.1, 0.5], 0.8) is None
 
 
 # ----------------------------------------------------------------------------- CLI

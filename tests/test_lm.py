@@ -17,8 +17,11 @@ import pytest
 import torch
 
 from sqs.data import tinystories as ts
-from sqs.experiments import lm, lm_experiment
+import sqs
+from sqs.experiments.lm_table import run_experiment
 from sqs.models.gpt import GPT, GPTConfig
+from sqs.runs.lm_config import LMRunConfig, load_config
+from sqs.runs.lm_pipeline import LMTask, generate_text, load_lm, plan, run_lm
 from sqs.training.checkpoint import load_weights, read_meta
 from sqs.training.trainer import TrainingDiverged
 
@@ -56,12 +59,12 @@ def cache(tinystories_cache):
     return tinystories_cache
 
 
-def tiny_cfg(**kw) -> lm.LMRunConfig:
+def tiny_cfg(**kw) -> LMRunConfig:
     d = dict(TINY)
     if not {"steps", "tokens", "epochs"} & set(kw):
         d["steps"] = 20
     d.update(kw)
-    return lm.LMRunConfig(**d)
+    return LMRunConfig(**d)
 
 
 # ---- model ------------------------------------------------------------------------------------
@@ -148,37 +151,37 @@ def test_generate_greedy_topk_and_seed():
 # ---- config -----------------------------------------------------------------------------------
 
 def test_shipped_configs_and_overrides():
-    cpu = lm.load_config("tinystories-cpu")
-    paper = lm.load_config("tinystories-paper")
+    cpu = load_config("tinystories-cpu")
+    paper = load_config("tinystories-paper")
     assert (cpu.n_layers, cpu.d_model, cpu.d_hidden, cpu.lr, cpu.weight_decay) == (4, 128, 128, 1e-3, 0.1)
     assert (paper.batch_size, paper.epochs, paper.context) == (512, 20, 256)
-    assert lm.plan(paper, 1_000_000)["tokens_per_step"] == 512 * 256
-    p = lm.plan(cpu, 4_174_385)
+    assert plan(paper, 1_000_000)["tokens_per_step"] == 512 * 256
+    p = plan(cpu, 4_174_385)
     assert p["steps"] * p["tokens_per_step"] == cpu.tokens
-    c = lm.load_config("tinystories-paper", ["train.epochs=3", "train.lr=3e-4", "train.betas=[0.9, 0.95]"], gate="swiglu")
+    c = load_config("tinystories-paper", ["train.epochs=3", "train.lr=3e-4", "train.betas=[0.9, 0.95]"], gate="swiglu")
     assert (c.epochs, c.lr, c.betas, c.gate, c.tokens) == (3, 3e-4, (0.9, 0.95), "swiglu", None)
     with pytest.raises(ValueError, match="unknown key"):
-        lm.load_config("tinystories-cpu", ["learning_rate=1"])
+        load_config("tinystories-cpu", ["learning_rate=1"])
     with pytest.raises(ValueError, match="exactly one"):
-        lm.LMRunConfig(steps=3, epochs=1)
+        LMRunConfig(steps=3, epochs=1)
     with pytest.raises(ValueError, match="belongs in \\[train\\]; write it as train.lr"):
-        lm.load_config("tinystories-cpu", ["lr=3e-4"])
+        load_config("tinystories-cpu", ["lr=3e-4"])
     with pytest.raises(FileNotFoundError, match="tinystories-cpu"):
-        lm.load_config("no-such-config")
+        load_config("no-such-config")
 
 
 def test_batches_depend_on_step_only_and_split_across_ranks(cache):
     cfg = tiny_cfg(grad_accum=2)
     tr = ts.encode_split("train", cache_dir=cache, vocab_size=VOCAB)
     va = ts.encode_split("valid", cache_dir=cache, vocab_size=VOCAB)
-    task = lm.LMTask(tr, va, cfg, 1000, 4000)
+    task = LMTask(tr, va, cfg, 1000, 4000)
     whole = torch.cat([task.batch(3, m, 0, 1)[0] for m in range(2)])
     parts = torch.cat([task.batch(3, m, r, 2)[0] for m in range(2) for r in range(2)])
     assert whole.shape == (8, 32) and torch.equal(whole, parts)
     x, y = task.batch(3, 0, 0, 1)
     assert torch.equal(x[:, 1:], y[:, :-1])
     assert not torch.equal(task.batch(4, 0, 0, 1)[0], x)
-    assert torch.equal(lm.LMTask(tr, va, cfg, 1000, 4000).val_offsets, task.val_offsets)  # fixed eval set
+    assert torch.equal(LMTask(tr, va, cfg, 1000, 4000).val_offsets, task.val_offsets)  # fixed eval set
     with pytest.raises(ValueError, match="divisible"):
         task.per_rank(3)
 
@@ -186,7 +189,7 @@ def test_batches_depend_on_step_only_and_split_across_ranks(cache):
 # ---- training ---------------------------------------------------------------------------------
 
 def test_short_training_lowers_validation_loss(cache, tmp_path):
-    recs = lm.run_lm(tiny_cfg(steps=30), tmp_path / "run", cache_dir=cache, progress=False)
+    recs = run_lm(tiny_cfg(steps=30), tmp_path / "run", cache_dir=cache, progress=False)
     first, last = recs[0], recs[-1]
     assert first["step"] == 0 and last["step"] == 30 and last.get("final")
     assert last["val_loss"] < first["val_loss"] - 0.5, (first["val_loss"], last["val_loss"])
@@ -200,32 +203,32 @@ def test_short_training_lowers_validation_loss(cache, tmp_path):
 
 def test_resume_reproduces_an_uninterrupted_run(cache, tmp_path):
     cfg = tiny_cfg(steps=16, gate="sqs", grad_accum=2)
-    full = lm.run_lm(cfg, tmp_path / "full", cache_dir=cache, progress=False)
-    lm.run_lm(cfg, tmp_path / "cut", cache_dir=cache, progress=False, stop_after=7)  # "killed" after step 7
+    full = run_lm(cfg, tmp_path / "full", cache_dir=cache, progress=False)
+    run_lm(cfg, tmp_path / "cut", cache_dir=cache, progress=False, stop_after=7)  # "killed" after step 7
     assert not (tmp_path / "cut" / "model.safetensors").exists()
     assert read_meta(tmp_path / "cut" / "checkpoint.safetensors")["step"] == 5  # last checkpoint before the cut
-    resumed = lm.run_lm(cfg, tmp_path / "cut", cache_dir=cache, progress=False)
+    resumed = run_lm(cfg, tmp_path / "cut", cache_dir=cache, progress=False)
     a = load_weights(tmp_path / "full" / "model.safetensors")
     b = load_weights(tmp_path / "cut" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["val_loss"] for r in full] == [r["val_loss"] for r in resumed]
     # a finished run is not trained again
-    again = lm.run_lm(cfg, tmp_path / "cut", cache_dir=cache, progress=False)
+    again = run_lm(cfg, tmp_path / "cut", cache_dir=cache, progress=False)
     assert [r["step"] for r in again] == [r["step"] for r in full]
 
 
 def test_generation_is_deterministic_for_a_seed(cache, tmp_path, capsys):
     from sqs.cli import main
 
-    lm.run_lm(tiny_cfg(steps=10), tmp_path / "run", cache_dir=cache, progress=False)
-    model = lm.load_lm(tmp_path / "run")
+    run_lm(tiny_cfg(steps=10), tmp_path / "run", cache_dir=cache, progress=False)
+    model = load_lm(tmp_path / "run")
     assert model.step == 10 and model.eot_id == 0
-    t1 = lm.generate_text(model, "Once upon a time", max_new_tokens=30, temperature=0.8, seed=3)
-    t2 = lm.generate_text(model, "Once upon a time", max_new_tokens=30, temperature=0.8, seed=3)
-    greedy = [lm.generate_text(model, "Once upon a time", max_new_tokens=30, temperature=0, seed=s) for s in (0, 1)]
+    t1 = generate_text(model, "Once upon a time", max_new_tokens=30, temperature=0.8, seed=3)
+    t2 = generate_text(model, "Once upon a time", max_new_tokens=30, temperature=0.8, seed=3)
+    greedy = [generate_text(model, "Once upon a time", max_new_tokens=30, temperature=0, seed=s) for s in (0, 1)]
     assert t1 == t2 and t1.startswith("Once upon a time")
     assert greedy[0] == greedy[1]
-    others = {lm.generate_text(model, "Once upon a time", max_new_tokens=30, temperature=1.0, seed=s)
+    others = {generate_text(model, "Once upon a time", max_new_tokens=30, temperature=1.0, seed=s)
               for s in range(4)}
     assert len(others) > 1
     capsys.readouterr()
@@ -237,7 +240,7 @@ def test_generation_is_deterministic_for_a_seed(cache, tmp_path, capsys):
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(cache, tmp_path):
     cfg = tiny_cfg(steps=50, lr=1e9, grad_clip=0.0, eval_every=1)
     with pytest.raises(TrainingDiverged, match=r"loss became .* at step (\d+).*checkpoint") as info:
-        lm.run_lm(cfg, tmp_path / "run", cache_dir=cache, progress=False)
+        run_lm(cfg, tmp_path / "run", cache_dir=cache, progress=False)
     step = int(info.value.args[0].split(" at step ")[1].split()[0])
     assert 0 < step < 50
     ck = tmp_path / "run" / "checkpoint.safetensors"
@@ -262,7 +265,7 @@ def test_two_process_ddp_equals_one_process(cache, tmp_path):
             "--no-progress", "--device", "cpu"]
     assert main(args + ["--run-dir", str(tmp_path / "one")]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1", SQS_BACKEND="eager", PYTHONWARNINGS="ignore")
-    env["PYTHONPATH"] = str(Path(lm.__file__).resolve().parents[2]) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(Path(sqs.__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(_free_port()), "-m", "sqs.cli", *args, "--run-dir", str(tmp_path / "two")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
@@ -285,7 +288,7 @@ def test_experiment_writes_table_curves_samples_and_skips_finished_runs(cache, t
     cfg.write_text(TINY_TOML)
     kw = dict(out=tmp_path / "results", runs_dir=tmp_path / "runs", gates=["sqs", "bilinear"], extra_seeds=[1],
               cache_dir=cache, progress=False, max_new_tokens=12)
-    table = lm_experiment.run_experiment(cfg, throughput_reps=2, **kw)
+    table = run_experiment(cfg, throughput_reps=2, **kw)
     runs = [(r["gate"], r["seed"]) for r in table["runs"]]
     assert runs == [("sqs", 0), ("bilinear", 0), ("sqs", 1)]
     assert all(r["complete"] and set(r["at"]) == {"25%", "50%", "75%", "100%"} for r in table["runs"])
@@ -305,6 +308,6 @@ def test_experiment_writes_table_curves_samples_and_skips_finished_runs(cache, t
                         math.exp(table["per_gate"]["sqs"]["val_loss_mean"]))
     # finished runs are skipped; --report-only rebuilds the same table from the run dirs
     mtime = (tmp_path / "runs" / "tiny" / "tinystories" / "sqs-s0" / "model.safetensors").stat().st_mtime_ns
-    again = lm_experiment.run_experiment(cfg, report_only=True, samples=False, **{k: v for k, v in kw.items()})
+    again = run_experiment(cfg, report_only=True, samples=False, **{k: v for k, v in kw.items()})
     assert (tmp_path / "runs" / "tiny" / "tinystories" / "sqs-s0" / "model.safetensors").stat().st_mtime_ns == mtime
     assert again["per_gate"] == table["per_gate"]

@@ -178,7 +178,7 @@ def test_truncated_surrogate():
 @pytest.fixture
 def fake_runs(monkeypatch, tmp_path, eager_backend):
     """Runs resolved by name ('<gate>-s<seed>' dirs) to tiny hand-built models; a tiny fake test set."""
-    from sqs.experiments import spectra as sx
+    from sqs.experiments import weight_spectra as sx
     from sqs.interp import plots
 
     monkeypatch.setattr(plots, "DPI", 30)

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from sqs.bench.ops import BenchResult
+from sqs.bench.timing import BenchResult
 from sqs.integrations.transformers import apply_sqs, register
 
 #: variant -> (what it is, in the table)

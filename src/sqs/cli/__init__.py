@@ -1,12 +1,12 @@
 """The `sqs` command: one entry point, subcommands grouped by what they act on.
 
-    sqs data fetch mnist|fashion-mnist|tinystories
-    sqs train image|lm ...
-    sqs experiment table1|spectra|tinystories
-    sqs spectra decompose|compare|explain ...
-    sqs generate RUN_DIR --prompt ...
-    sqs bench ops|glu|head|lm
-    sqs demo
+    sqs data fetch mnist|fashion-mnist|tinystories         (sqs.cli.data_commands)
+    sqs train image|lm ...                                 (sqs.cli.train_commands)
+    sqs experiment table1|spectra|frontier|tinystories|lm-spectra   (sqs.cli.experiment_commands)
+    sqs spectra decompose|compare|explain|lm ...           (sqs.cli.spectra_commands)
+    sqs generate RUN_DIR --prompt ...                      (sqs.cli.generate_command)
+    sqs bench ops|glu|head|lm|hf                           (sqs.cli.bench_commands)
+    sqs demo                                               (sqs.cli.demo_command)
 
 Each module of this package registers its commands (`register(sub, groups)`), parses
 arguments and calls a library function; none computes anything itself.
@@ -25,7 +25,15 @@ import os
 import sys
 import traceback
 
-from sqs.cli import bench, data, demo, experiment, generate, spectra, train
+from sqs.cli import (
+    bench_commands,
+    data_commands,
+    demo_command,
+    experiment_commands,
+    generate_command,
+    spectra_commands,
+    train_commands,
+)
 
 GROUPS = {
     "data": "obtain and prepare datasets",
@@ -34,7 +42,8 @@ GROUPS = {
     "spectra": "eigendecompose trained models and plot their features",
     "bench": "benchmarks that print ratios measured side by side",
 }
-MODULES = (data, bench, train, experiment, spectra, generate, demo)
+MODULES = (data_commands, bench_commands, train_commands, experiment_commands, spectra_commands, generate_command,
+           demo_command)
 
 
 # Errors of the file system that a person fixes (a path that is not there, not readable or
@@ -85,10 +94,6 @@ def user_message(err: BaseException) -> str | None:
     return None
 
 
-def _is_rank0() -> bool:
-    return os.environ.get("RANK", "0") == "0"
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the `sqs` command with `argv` (default sys.argv[1:]); return the exit status."""
     parser = build_parser()
@@ -104,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     except Exception as e:
+        from sqs.training.distributed import is_rank0
         from sqs.training.trainer import TrainingDiverged
 
         if isinstance(e, TrainingDiverged):
@@ -114,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise  # a bug: the traceback is the useful report
         if debug:
             traceback.print_exc()
-        if _is_rank0():
+        if is_rank0():
             print(f"sqs: error: {msg}", file=sys.stderr)
         return code
     return int(out or 0)

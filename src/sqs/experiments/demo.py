@@ -13,14 +13,14 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Iterable
 
-from sqs.experiments import spectra as sx
-from sqs.experiments.config import run_dir
+from sqs.core import DEFAULT_C, DEFAULT_LAM, DEFAULT_P
+from sqs.experiments import weight_spectra
+from sqs.experiments.agreement_baselines import agreement_brief, baseline_pairs, baseline_table
 from sqs.experiments.doc import Doc
-from sqs.experiments.frontier import agreement_brief
-from sqs.experiments.frontier_report import baseline_pairs, baseline_table
-from sqs.experiments.spectra_report import fidelity_table, fig2_reference, reference_lines, verdict
 from sqs.experiments.style import gate_label
+from sqs.experiments.weight_spectra_report import fidelity_table, fig2_reference, reference_lines, verdict
 from sqs.interp import plots
 from sqs.interp.spectra import cosine_per_rank, model_logits
 from sqs.io import write_json, write_text
@@ -43,33 +43,44 @@ def link_lm_spectra(doc: Doc, folder: str | Path | None) -> bool:
 
 def run_demo(out: str | Path = "report", runs_dir: str | Path = "runs/demo", dataset: str = "mnist",
              epochs: int = 20, seed: int = 0, data_dir: str | None = None, cache_dir: str | None = None,
-             baselines: bool = False, frontier_json: str | Path | None = "results/frontier/frontier.json") -> dict:
+             baselines: bool = False, frontier_json: str | Path | None = "results/frontier/frontier.json",
+             overrides: Iterable[str] = ()) -> dict:
     """Train (or reuse) the two Sec. 4.1 runs at `runs_dir/sec41/<dataset>/<gate>-s<seed>`, then
-    write the report to `out`; returns the report's paths. `baselines`: also train both gates from
-    the same init on data seed `seed + 1` (`<gate>-i<seed>-d<seed+1>`), for the agreement table's
-    same-init baselines."""
+    write the report to `out`; returns the report's paths. `overrides` apply to both runs, gate
+    parameters to the SQS run only (`model.gate_kwargs.lam=0.1`: run `sqs-lam0.1-s0`). `baselines`:
+    also train both gates from the same init on data seed `seed + 1` (`<gate>-i<seed>-d<seed+1>`),
+    for the agreement table's same-init baselines."""
     from sqs.data import images
 
     t0 = time.perf_counter()
     if data_dir is None:
         images.fetch(dataset, cache_dir=cache_dir)
     run_dirs = {}
-    for gate in sx.GATES:  # the same Sec. 4.1 runs as `sqs experiment spectra`
-        run_dirs[gate] = run_dir(runs_dir, sx.CONFIG, dataset, gate, seed)
+    for gate in weight_spectra.GATES:  # the same Sec. 4.1 runs as `sqs experiment spectra`
+        run_dirs[gate] = weight_spectra.run_config(dataset, gate, seed, epochs, overrides=overrides).run_dir(runs_dir)
         print(f"demo: training 1-layer {gate} on {dataset} ({epochs} epochs) -> {run_dirs[gate]}", flush=True)
-        sx.train_one(dataset, gate, seed, epochs, run_dirs[gate], data_dir=data_dir, cache_dir=cache_dir)
+        weight_spectra.train_one(dataset, gate, seed, epochs, run_dirs[gate], data_dir=data_dir, cache_dir=cache_dir,
+                                 overrides=overrides)
     extra = {}
     if baselines:
-        for gate in sx.GATES:
-            rd = run_dir(runs_dir, sx.CONFIG, dataset, gate, seed, data_seed=seed + 1)
+        for gate in weight_spectra.GATES:
+            rd = weight_spectra.run_config(dataset, gate, seed, epochs, data_seed=seed + 1,
+                                           overrides=overrides).run_dir(runs_dir)
             print(f"demo: training 1-layer {gate}, same init, data seed {seed + 1} -> {rd}", flush=True)
-            sx.train_one(dataset, gate, seed, epochs, rd, data_dir=data_dir, cache_dir=cache_dir, data_seed=seed + 1)
+            weight_spectra.train_one(dataset, gate, seed, epochs, rd, data_dir=data_dir, cache_dir=cache_dir,
+                                     data_seed=seed + 1, overrides=overrides)
             extra[(gate, seed, seed + 1)] = rd
     print("demo: decomposing and writing the report", flush=True)
     paths = write_report(run_dirs, out, dataset=dataset, data_dir=data_dir, baseline_dirs=extra, seed=seed,
                          frontier_json=frontier_json)
     print(f"demo: done in {time.perf_counter() - t0:.0f} s; open {paths.get('html', out)}", flush=True)
     return paths
+
+
+def sqs_parameters(config: dict) -> str:
+    """`c = 0.01, λ = 0.5, p = 1` of a run's config (its gate parameters over the defaults)."""
+    kw = {"c": DEFAULT_C, "lam": DEFAULT_LAM, "p": DEFAULT_P, **((config.get("model") or {}).get("gate_kwargs") or {})}
+    return f"c = {kw['c']:g}, λ = {kw['lam']:g}, p = {kw['p']:g}"
 
 
 def write_report(run_dirs: dict[str, str | Path], out_dir: str | Path, dataset: str | None = None,
@@ -89,27 +100,30 @@ def write_report(run_dirs: dict[str, str | Path], out_dir: str | Path, dataset: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     test, train = None, None
-    analyses: dict[str, sx.RunAnalysis] = {}
+    analyses: dict[str, weight_spectra.RunAnalysis] = {}
     for gate, rd in run_dirs.items():
         if dataset is None:
-            dataset = sx.dataset_of(sx.load_run(rd)[1])
+            dataset = weight_spectra.dataset_of(weight_spectra.load_run(rd)[1])
         if test is None and dataset is not None:
             try:
-                test, train = sx.load_test(dataset, data_dir), sx.load_train(dataset, data_dir)
+                test, train = weight_spectra.load_test(dataset, data_dir), weight_spectra.load_train(dataset, data_dir)
             except Exception as e:  # noqa: BLE001 - reported in the document
                 print(f"report: data of {dataset} unavailable ({e}); writing figures without fidelity")
                 test = ()
-        analyses[gate] = sx.analyse_run(rd, dataset=dataset, test=test or None, with_fidelity=bool(test),
+        analyses[gate] = weight_spectra.analyse_run(rd, dataset=dataset, test=test or None, with_fidelity=bool(test),
                                         train_images=train, reading="best")
     names = {g: gate_label(g) for g in analyses}
     reading = analyses["sqs"].dec.method if "sqs" in analyses else "first-order"
-    rec = sx.recommended_setting(frontier_json)
+    rec = weight_spectra.recommended_setting(frontier_json)
+    sqs_default = "sqs" in analyses and sqs_parameters(analyses["sqs"].config) == sqs_parameters({})
 
     doc = Doc(out)
     doc.h(1, f"Weight spectra: {' vs '.join(names.values())} on {dataset or 'unknown dataset'}")
     doc.p("Each class logit of a 1-layer GLU classifier read as a quadratic form x^T B_a x of the embedded input "
           "x = E img, B_a = Σ_i (H P)_ai w_i v_i^T (symmetrised), decomposed as Σ_k λ_k (q_k·x)². "
-          "For Bilinear (identity gate) this is exact. SQS (the paper's default c = 0.01, λ = 0.5, p = 1) is read "
+          "For Bilinear (identity gate) this is exact. SQS ("
+          + (sqs_parameters(analyses["sqs"].config) + ("; the paper's default" if sqs_default else "")
+             if "sqs" in analyses else "the paper's default c = 0.01, λ = 0.5, p = 1") + ") is read "
           f"with its most faithful reading, here the {reading} reading (first-order: the gate treated as the "
           "identity, as in the paper; gain: each unit's gate replaced by its least-squares gain on the training "
           "images); the fidelity table below measures how well each reading reproduces the model. Eigenvectors are shown in pixel space (E^T q; red positive, blue "
@@ -121,7 +135,7 @@ def write_report(run_dirs: dict[str, str | Path], out_dir: str | Path, dataset: 
     if "sqs" in analyses and "bilinear" in analyses:
         keyed = {(g, seed, seed): analyses[g] for g in ("bilinear", "sqs")}
         for key, rd in (baseline_dirs or {}).items():
-            keyed[key] = sx.analyse_run(rd, dataset=dataset, test=test or None, with_fidelity=bool(test),
+            keyed[key] = weight_spectra.analyse_run(rd, dataset=dataset, test=test or None, with_fidelity=bool(test),
                                         train_images=train)
         agreement = {r: {name: agreement_brief(p) for name, p in
                          baseline_pairs({k: a.with_reading(r).dec for k, a in keyed.items()}).items() if p}

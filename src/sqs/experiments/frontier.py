@@ -7,43 +7,34 @@
 
 The grid (its design is stated in the TOML file) varies one SQS parameter at a time around
 the paper's default, beside the references Bilinear, SwiGLU and GELU. Runs live where every
-image run lives, `<runs>/<config>/<dataset>/<run name>` (`sqs.experiments.config.run_dir`):
+image run lives, `<runs>/<config>/<dataset>/<run name>` (each config's `run_dir`):
 `runs/sec41/mnist/sqs-lam0.1-s0`, `runs/sec41/mnist/bilinear-i0-d1`; the paper's default
 gate keeps the plain name (`sqs-s0`), so the sec41 Bilinear / SQS runs are the spectra
 experiment's and the sec42 references are Table 1's: nothing is trained twice.
 
-Per finished run (`analyse`, cached in `<run dir>/frontier_analysis.json`): test accuracy and
-loss; per GLU layer the share of test gate inputs |Vx| beyond 1/lam (`saturation_share`); for
-1-layer Bilinear / SQS models the fidelity on the test set of each reading (first-order, gain,
-and for `analysis.fit_seeds` the least-squares fit on `analysis.fit_train_images` training
-images), and for SQS the agreement of each reading's eigenvectors with the Bilinear run at the
-same init and data seeds (`sqs.interp.agreement`).
+What is measured on each finished run is `sqs.experiments.frontier_analysis`; the report is
+`sqs.experiments.frontier_report`.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-import torch
-import torch.nn.functional as F
-
-from sqs.core import DEFAULT_C, DEFAULT_LAM, DEFAULT_P
-from sqs.experiments import config as _config
-from sqs.experiments.config import run_dir
-from sqs.experiments.image import DATASETS, load_config
-from sqs.experiments.table1 import RunSpec, default_workers, run_grid  # noqa: F401 - the one pool runner
+from sqs.experiments.style import gate_label
 from sqs.functional import canonical_gate
-from sqs.interp.agreement import SIDES, agreement_summary
-from sqs.interp.spectra import decompose, fidelity, model_logits
-from sqs.io import atomic_write, write_json
-from sqs.training.trainer import is_complete
+from sqs.io import append_jsonl
+from sqs.runs.config_files import Overrides, load_config_dict, override_items
+from sqs.runs.image_config import DATASETS, ImageRunConfig, load_config
+from sqs.runs.image_pipeline import run_grid
+from sqs.runs.naming import SQS_DEFAULTS, gate_key
+from sqs.runs.pool import RunSpec, default_workers
+from sqs.training.rundir import is_complete
 
 GRID = "frontier"
-SQS_DEFAULT = {"c": DEFAULT_C, "lam": DEFAULT_LAM, "p": DEFAULT_P}
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -63,8 +54,7 @@ class Setting:
     @property
     def key(self) -> str:
         """`sqs`, `sqs-lam0.1`, `bilinear`: the run name without its seed part."""
-        tag = _config.gate_tag(self.gate, self.gate_kwargs)
-        return self.gate + (f"-{tag}" if tag else "")
+        return gate_key(self.gate, self.gate_kwargs)
 
     @property
     def is_sqs(self) -> bool:
@@ -76,12 +66,10 @@ class Setting:
 
     def value(self, name: str) -> float | None:
         """The gate's c / lam / p (defaults filled in) for SQS; None for other gates."""
-        return float(self.gate_kwargs.get(name, SQS_DEFAULT[name])) if self.is_sqs else None
+        return float(self.gate_kwargs.get(name, SQS_DEFAULTS[name])) if self.is_sqs else None
 
     @property
     def label(self) -> str:
-        from sqs.experiments.style import gate_label
-
         if not self.is_sqs:
             return gate_label(self.gate)
         return f"SQS c={self.value('c'):g} λ={self.value('lam'):g} p={self.value('p'):g}"
@@ -89,10 +77,10 @@ class Setting:
 
 def sqs_setting(**kw: float) -> Setting:
     """The SQS setting with these parameters; parameters equal to the default are dropped."""
-    bad = sorted(set(kw) - set(SQS_DEFAULT))
+    bad = sorted(set(kw) - set(SQS_DEFAULTS))
     if bad:
         raise ValueError(f"frontier: unknown SQS parameter(s) {bad}; valid: c, lam, p")
-    return Setting("sqs", tuple(sorted((k, float(v)) for k, v in kw.items() if float(v) != SQS_DEFAULT[k])))
+    return Setting("sqs", tuple(sorted((k, float(v)) for k, v in kw.items() if float(v) != SQS_DEFAULTS[k])))
 
 
 @dataclass
@@ -124,10 +112,10 @@ class Grid:
         return [s for s in self.sqs_settings() if not s.is_default]
 
 
-def load_grid(name_or_path: str | Path = GRID, overrides: _config.Overrides = None) -> Grid:
+def load_grid(name_or_path: str | Path = GRID, overrides: Overrides = None) -> Grid:
     """Read the grid TOML (a shipped name or a path) through the one config loader; overrides
     are dotted keys (`grid.one_layer.seeds=[0]`, `grid.datasets=["mnist"]`)."""
-    d, where = _config.load_config_dict("image", name_or_path, overrides)
+    d, where = load_config_dict("image", name_or_path, overrides)
     g = d.get("grid")
     if not isinstance(g, Mapping):
         raise ValueError(f"{where}: not a frontier grid (no [grid] table)")
@@ -141,7 +129,7 @@ def load_grid(name_or_path: str | Path = GRID, overrides: _config.Overrides = No
     bad = sorted(set(grid.datasets) - set(DATASETS))
     if bad:
         raise ValueError(f"{where}: unknown dataset(s) {bad}; choose from {', '.join(DATASETS)}")
-    bad = sorted(set(grid.sqs_axes) - set(SQS_DEFAULT))
+    bad = sorted(set(grid.sqs_axes) - set(SQS_DEFAULTS))
     if bad:
         raise ValueError(f"{where}: unknown SQS axis {bad} in [grid.sqs]; valid: c, lam, p")
     return grid
@@ -149,15 +137,20 @@ def load_grid(name_or_path: str | Path = GRID, overrides: _config.Overrides = No
 
 @dataclass
 class FrontierSpec(RunSpec):
-    """A run of the frontier (a `table1.RunSpec`, so the Table 1 pool runs it)."""
+    """A run of the frontier: a pool `RunSpec` (name `<config>/<dataset>/<run name>`, unique across
+    the 1- and 2-layer configs) with the grid's view of it."""
 
     setting: Setting = Setting("sqs")
     layers: int = 1
     config: str = "sec41"
 
     @property
-    def name(self) -> str:  # unique across configs (1- and 2-layer runs share dataset/run name)
-        return f"{self.config}/{self.cfg.name()}"
+    def dataset(self) -> str:
+        return self.cfg.dataset
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.seed
 
     @property
     def init_seed(self) -> int:
@@ -168,21 +161,35 @@ class FrontierSpec(RunSpec):
         return self.cfg.batch_seed
 
 
-def _spec(runs_dir, config: str, layers: int, ds: str, setting: Setting, seed: int,
-          init: int | None = None, data: int | None = None, epochs: float | None = None,
-          overrides: Iterable[str] = ()) -> FrontierSpec:
-    ov = _config.override_items(list(overrides))
-    ov += [("dataset", ds), ("model.gate", setting.gate), ("model.gate_kwargs", setting.gate_kwargs), ("seed", seed)]
+def run_config(config: str, dataset: str, setting: Setting, seed: int, init: int | None = None,
+               data: int | None = None, epochs: float | None = None, overrides: Iterable[str] = ()) -> ImageRunConfig:
+    """The run config of one grid point (its `run_dir` is where the run lives)."""
+    ov = override_items(list(overrides))
+    ov += [("dataset", dataset), ("model.gate", setting.gate), ("model.gate_kwargs", setting.gate_kwargs),
+           ("seed", seed)]
     if init is not None:
         ov.append(("init_seed", init))
     if data is not None:
         ov.append(("data_seed", data))
     if epochs is not None:
         ov.append(("epochs", epochs))
-    cfg = load_config(config, dict(ov))
-    rd = run_dir(runs_dir, config, ds, setting.gate, seed, init_seed=cfg.init_seed, data_seed=cfg.data_seed,
-                 gate_kwargs=setting.gate_kwargs)
-    return FrontierSpec(ds, setting.gate, seed, rd, cfg, setting=setting, layers=layers, config=config)
+    return load_config(config, dict(ov))
+
+
+def _spec(runs_dir, config: str, layers: int, ds: str, setting: Setting, seed: int,
+          init: int | None = None, data: int | None = None, epochs: float | None = None,
+          overrides: Iterable[str] = ()) -> FrontierSpec:
+    cfg = run_config(config, ds, setting, seed, init, data, epochs, overrides)
+    return FrontierSpec(f"{config}/{cfg.label()}", cfg.run_dir(runs_dir), cfg, setting=setting, layers=layers,
+                        config=config)
+
+
+def partner_config(spec: FrontierSpec) -> ImageRunConfig | None:
+    """The Bilinear run at the same init and data seeds as a 1-layer SQS run (None: none to compare with)."""
+    if spec.layers != 1 or spec.setting.gate != "sqs":
+        return None
+    model = dataclasses.replace(spec.cfg.model, gate="bilinear", gate_kwargs={})
+    return dataclasses.replace(spec.cfg, model=model)
 
 
 def plan_frontier(runs_dir: str | Path, grid: Grid | None = None, epochs: float | None = None,
@@ -259,154 +266,20 @@ def _hms(s: float) -> str:
 
 
 def run_frontier(specs: Sequence[FrontierSpec], workers: int | None = None, threads: int = 1, cache_dir=None,
-                 log: str | Path | None = None, progress: bool = True, run_bars: bool = True) -> dict:
-    """Train the unfinished runs of `specs` with the Table 1 pool (finished ones skipped,
-    interrupted ones resumed); one line per finished run in `log`. Returns the pool's summary."""
+                 log: str | Path | None = None, progress: bool = True, run_bars: bool = True,
+                 runs_root: str | Path | None = None) -> dict:
+    """Train the unfinished runs of `specs` with the pool (finished ones skipped, interrupted ones
+    resumed); one line per finished run in `log`, the summary in `log` with suffix .jsonl.
+    Returns the pool's summary."""
     workers = workers or default_workers()
     skipped = sum(is_complete(s.run_dir) for s in specs)
     plog = ProgressLog(log, len(specs), skipped, workers)
     summary = run_grid(specs, workers=workers, threads=threads, cache_dir=cache_dir, progress=progress,
-                       run_bars=run_bars, log_dir=None, desc="frontier runs", on_finish=plog)
+                       run_bars=run_bars, runs_root=runs_root, desc="frontier runs", on_finish=plog)
     plog.write(f"end: trained {summary['n_trained']}, skipped {summary['n_skipped']}, "
                f"{len(summary['failed'])} failed, wall {_hms(summary['wall_s'])}")
     if log:
-        _append_jsonl(Path(log).with_suffix(".jsonl"), {k: v for k, v in summary.items() if k != "runs"})
+        append_jsonl(Path(log).with_suffix(".jsonl"), {k: v for k, v in summary.items() if k != "runs"})
     return summary
 
 
-def _append_jsonl(path: Path, rec: dict) -> None:
-    old = path.read_text() if path.exists() else ""
-    atomic_write(path, lambda p: p.write_text(old + json.dumps(rec) + "\n"))
-
-
-# ----------------------------------------------------------------------------- analysis (cached per run)
-
-#: Bump when the analysis changes: every cached analysis is recomputed.
-ANALYSIS_VERSION = 1
-ANALYSIS_FILE = "frontier_analysis.json"
-#: Readings computed for every 1-layer SQS run (cheap); "fit" only for `analysis.fit_seeds`.
-CHEAP_READINGS = ("first-order", "gain")
-
-
-@torch.no_grad()
-def saturation_share(model, images: torch.Tensor, batch_size: int = 5000) -> list[float | None]:
-    """Per GLU layer, the share of gate inputs v = V x with |v| > 1/lam on `images`
-    (None for a layer whose gate has no 1/lam scale: other gates, or lam = 0).
-
-    Beyond |v| = 1/lam the SQS gate's denominator 1 + lam|v| is over 2: the unit is in the
-    shrink regime, where the first-order reading (gate = identity) is off by more than 2x."""
-    lams = [float(layer.gate_kwargs.get("lam", DEFAULT_LAM)) if layer.gate == "sqs" else 0.0
-            for layer in model.layers]
-    over, n = [0] * len(lams), 0
-    for s in range(0, images.shape[0], batch_size):
-        x = model.embed(images[s:s + batch_size].flatten(1))
-        for i, (norm, layer) in enumerate(zip(model.norms, model.layers)):
-            h = norm(x)
-            if lams[i] > 0:
-                over[i] += int(((h @ layer.V.T).abs() > 1.0 / lams[i]).sum())
-            y = layer(h)
-            x = x + y if model.residual else y
-        n += images[s:s + batch_size].shape[0]
-    return [over[i] / (n * layer.d_hidden) if lams[i] > 0 else None for i, layer in enumerate(model.layers)]
-
-
-@torch.no_grad()
-def test_metrics(model, images: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Test accuracy and mean cross-entropy of the finished model."""
-    z = model_logits(model, images).to(torch.float64)
-    return {"test_acc": float((z.argmax(-1) == labels).double().mean()),
-            "test_loss": float(F.cross_entropy(z, labels, reduction="mean"))}
-
-
-def _agreement_brief(summary: dict) -> dict:
-    """The part of `agreement_summary` the frontier reports: per side per-rank / best-match means
-    (ranks 1..k), overlap and form cosine means, and the number of pairs."""
-    out = {"n_pairs": summary["n_pairs"], "k": summary["k"],
-           "form_cosine": summary["form_cosine"]["mean"], "form_cosine_centered": summary["form_cosine_centered"]["mean"]}
-    for side in SIDES:
-        out[side] = {"per_rank": summary[side]["per_rank"]["mean"], "best_match": summary[side]["best_match"]["mean"],
-                     "overlap": summary[side]["overlap"]["mean"]}
-    return out
-
-
-def agreement_brief(pairs: list[tuple], k: int = 10) -> dict:
-    """`_agreement_brief(agreement_summary(pairs, k))`: mean over (pair, class)."""
-    return _agreement_brief(agreement_summary(pairs, k=k))
-
-
-def partner_dir(spec: FrontierSpec, runs_dir: str | Path) -> Path | None:
-    """The Bilinear run at the same init and data seeds as a 1-layer run (None: none to compare with)."""
-    if spec.layers != 1 or spec.setting.gate != "sqs":
-        return None
-    return run_dir(runs_dir, spec.config, spec.dataset, "bilinear", spec.seed, init_seed=spec.cfg.init_seed,
-                   data_seed=spec.cfg.data_seed)
-
-
-def _stamp(path: Path) -> list[int] | None:
-    """(mtime_ns, size) of a finished run's weights: the cache is recomputed when they change."""
-    f = path / "model.safetensors"
-    if not f.exists():
-        return None
-    st = f.stat()
-    return [st.st_mtime_ns, st.st_size]
-
-
-def analysis_options(grid: Grid, spec: FrontierSpec) -> dict:
-    a = grid.analysis
-    fit = (spec.layers == 1 and spec.setting.is_sqs and spec.cfg.init_seed is None and spec.cfg.data_seed is None
-           and spec.seed in [int(s) for s in a.get("fit_seeds", [0])] and int(a.get("fit_train_images", 0)) > 0)
-    return {"version": ANALYSIS_VERSION, "k": int(a.get("k", 10)),
-            "fit_train_images": int(a.get("fit_train_images", 0)) if fit else 0}
-
-
-def analyse(spec: FrontierSpec, data: tuple, options: dict, partner: Path | None) -> dict:
-    """Everything the frontier reports about one finished run (see the module docstring)."""
-    from sqs.experiments.image import load_image_model
-
-    x_tr, _, x_te, y_te = data
-    model, _ = load_image_model(spec.run_dir)
-    t0 = time.perf_counter()
-    out = {"run": spec.name, "setting": spec.setting.key, "layers": spec.layers, "dataset": spec.dataset,
-           "seed": spec.seed, "init_seed": spec.init_seed, "data_seed": spec.data_seed,
-           **test_metrics(model, x_te, y_te), "saturation": saturation_share(model, x_te)}
-    if spec.layers == 1 and spec.setting.gate in ("sqs", "bilinear"):
-        readings = list(CHEAP_READINGS) + (["fit"] if options["fit_train_images"] else [])
-        decs, fid, secs = {}, {}, {}
-        for r in readings:
-            t = time.perf_counter()
-            fit_images = x_tr[:options["fit_train_images"]] if r == "fit" else x_tr
-            decs[r] = decompose(model, reading=r, fit_images=fit_images)
-            secs[r] = time.perf_counter() - t
-            fid[r] = fidelity(model, decs[r], x_te, y_te)
-            if decs[r].exact:  # Bilinear (or c = lam = 0): every reading is the exact one
-                break
-        out["fidelity"], out["reading_seconds"] = fid, secs
-        if partner is not None and is_complete(partner):
-            bil = decompose(load_image_model(partner)[0])
-            out["partner"] = "/".join(Path(partner).parts[-3:])  # <config>/<dataset>/<run>: no machine path
-            out["agreement"] = {r: agreement_brief([(d, bil)], k=options["k"]) for r, d in decs.items()}
-    out["analysis_seconds"] = time.perf_counter() - t0
-    return out
-
-
-def cached_analysis(spec: FrontierSpec, grid: Grid, runs_dir: str | Path, data) -> dict | None:
-    """The run's analysis from `<run dir>/frontier_analysis.json` if it is current (same analysis
-    version and options, same weights of the run and its Bilinear partner), else computed and
-    written there. `data`: the dataset's tensors, or a callable returning them (loaded only when
-    something is computed). None for an unfinished run."""
-    if not is_complete(spec.run_dir):
-        return None
-    partner = partner_dir(spec, runs_dir)
-    key = {"options": analysis_options(grid, spec), "run": _stamp(spec.run_dir),
-           "partner": _stamp(partner) if partner is not None else None}
-    path = spec.run_dir / ANALYSIS_FILE
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-            if old.get("key") == key:
-                return old["result"]
-        except (OSError, json.JSONDecodeError, KeyError):
-            pass
-    result = analyse(spec, data() if callable(data) else data, key["options"], partner)
-    write_json(path, {"key": key, "result": result})
-    return result

@@ -19,14 +19,15 @@ for Bilinear, the paper's reading for SQS); the fidelity table also scores the g
 from __future__ import annotations
 
 import os
-import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from sqs.experiments.config import check_no_legacy, config_name, run_dir
-from sqs.experiments.lm import DATASET, LoadedLM, load_config, load_lm, run_lm
+from sqs.experiments.lm_spectra_report import plot_reading, slug, write_report
+from sqs.experiments.style import say
+from sqs.interp.agreement import summarise
 from sqs.interp.lm_quadratic import (
     LayerInputs,
     Spectrum,
@@ -45,10 +46,14 @@ from sqs.interp.lm_quadratic import (
     token_inputs,
     top_promoted,
 )
-from sqs.interp.agreement import summarise
 from sqs.interp.spectra import gate_reading
-from sqs.io import UserError
-from sqs.training.trainer import TrainingDiverged, is_complete
+from sqs.io import UserError, write_json
+from sqs.runs.config_files import grid_gate_overrides
+from sqs.runs.lm_config import LMRunConfig, load_config
+from sqs.runs.lm_pipeline import LoadedLM, load_lm, run_lm
+from sqs.runs.naming import check_no_legacy
+from sqs.training.rundir import CONFIG, SPECTRA, is_complete, last_divergence, locked, read_metrics
+from sqs.training.trainer import TrainingDiverged
 
 TOP_PROMOTED = "top-promoted"
 DEFAULT_TOKENS = (" happy", " dog", ".")
@@ -215,17 +220,17 @@ def spectra_lm(run_dir: str | os.PathLike, layer: int, token: str | None = None,
                k: int = 3, out: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
                windows: int = 16, force: bool = False) -> tuple[dict, list[str]]:
     """`sqs spectra lm`: read one direction at one layer of a run; print it, write a figure and JSON to
-    `out` (default RUN_DIR/spectra)."""
-    from sqs.experiments.lm_spectra_report import plot_reading, slug
-    from sqs.io import write_json
-
+    `out` (default RUN_DIR/spectra, written under the run's lock)."""
     an = load_analysis(run_dir, cache_dir=cache_dir, windows=windows)
     res = read_direction(an, layer, token=token, direction=direction, k=k, force=force)
-    out = Path(out) if out else Path(run_dir) / "spectra"
     stem = f"lm_layer{layer}_{slug(res['token']) if res['direction'] == 'token' else TOP_PROMOTED}"
-    fig = plot_reading(res, out / f"{stem}.png")
-    write_json(out / f"{stem}.json", res)
-    return res, format_reading(res) + [f"wrote {fig} and {out / (stem + '.json')}"]
+    if out is not None:
+        fig, js = plot_reading(res, Path(out) / f"{stem}.png"), write_json(Path(out) / f"{stem}.json", res)
+    else:
+        with locked(run_dir):
+            out = Path(run_dir) / SPECTRA
+            fig, js = plot_reading(res, out / f"{stem}.png"), write_json(out / f"{stem}.json", res)
+    return res, format_reading(res) + [f"wrote {fig} and {js}"]
 
 
 # ----------------------------------------------------------------------------- the experiment
@@ -235,33 +240,37 @@ def run_status(rd: Path) -> str:
     """'finished', 'unfinished' (started, no final weights yet), 'diverged' or 'absent'."""
     if is_complete(rd, verify=True):
         return "finished"
-    if (rd / "diverged.json").exists():
+    if last_divergence(rd) is not None:
         return "diverged"
-    return "unfinished" if (rd / "config.json").exists() else "absent"
+    return "unfinished" if (rd / CONFIG).exists() else "absent"
 
 
-def ensure_runs(base, runs_dir, train: bool = True, cache_dir=None, device: str | None = "auto",
-                progress: bool = True) -> dict[tuple[str, int], dict]:
+def run_configs(config: str | os.PathLike, overrides: list[str] | None) -> dict[tuple[str, int], LMRunConfig]:
+    """The config of each run of RUNS: `config` with `overrides`, gate parameters for the SQS runs only."""
+    return {(gate, seed): load_config(config, list(overrides or []) + grid_gate_overrides(gate), gate=gate, seed=seed)
+            for gate, seed in RUNS}
+
+
+def ensure_runs(cfgs: dict[tuple[str, int], LMRunConfig], runs_dir, train: bool = True, cache_dir=None,
+                device: str | None = "auto", progress: bool = True) -> dict[tuple[str, int], dict]:
     """Status of every run the experiment needs; with `train`, trains (or resumes) the absent / unfinished."""
     out = {}
-    for i, (gate, seed) in enumerate(RUNS):
-        rd = run_dir(runs_dir, base.name, DATASET, gate, seed)
+    for i, ((gate, seed), cfg) in enumerate(cfgs.items()):
+        rd = cfg.run_dir(runs_dir)
         status = run_status(rd)
         if status in ("absent", "unfinished") and train:
-            check_no_legacy(runs_dir, base.name, DATASET, gate, seed)
-            print(f"[{i + 1}/{len(RUNS)}] training {rd}", file=sys.stderr)
+            check_no_legacy(rd, cfg.legacy_dirs(runs_dir))
+            say(f"[{i + 1}/{len(cfgs)}] training {rd}")
             try:
-                run_lm(base.replace(gate=gate, seed=seed), rd, cache_dir=cache_dir, device=device, progress=progress)
+                run_lm(cfg, rd, cache_dir=cache_dir, device=device, progress=progress)
             except TrainingDiverged as e:
-                print(f"  {e}", file=sys.stderr)
+                say(f"  {e}")
             status = run_status(rd)
         out[(gate, seed)] = {"run_dir": rd, "status": status}
     return out
 
 
 def _run_meta(rd: Path) -> dict:
-    from sqs.training.trainer import read_metrics
-
     recs = read_metrics(rd)
     final = next((m for m in reversed(recs) if m.get("final")), recs[-1] if recs else {})
     return {"step": final.get("step"), "val_loss": final.get("val_loss"), "elapsed_s": final.get("elapsed_s")}
@@ -326,20 +335,17 @@ def run_experiment(config: str | os.PathLike = "tinystories-cpu", out: str | os.
                    progress: bool = True) -> dict:
     """Train the runs it needs (unless `train=False`: then unfinished runs are reported missing), analyse
     them and write `out`/summary.md, summary.json and figures. Needs bilinear-s0 and sqs-s0 finished;
-    sqs-s1 (the different-seed baseline) is optional."""
-    import time
-
-    from sqs.experiments.lm_spectra_report import write_report
-
-    base = load_config(config, overrides)
-    runs = ensure_runs(base, runs_dir, train=train, cache_dir=cache_dir, device=device, progress=progress)
+    sqs-s1 (the different-seed baseline) is optional. `overrides` apply to every run, gate parameters
+    (`model.gate_kwargs.lam=0.1`) to the SQS runs only, which are then filed under their tag."""
+    cfgs = run_configs(config, overrides)
+    runs = ensure_runs(cfgs, runs_dir, train=train, cache_dir=cache_dir, device=device, progress=progress)
     missing = [f"{g}-s{s} ({r['status']})" for (g, s), r in runs.items() if r["status"] != "finished"]
     for (g, s), r in runs.items():
         if r["status"] == "finished":
             r.update(_run_meta(r["run_dir"]))
     need = [f"{g}-s{s}" for g, s in RUNS[:2] if runs[(g, s)]["status"] != "finished"]
     if need:
-        root = Path(runs_dir) / config_name(base.name) / DATASET
+        root = cfgs[RUNS[0]].run_dir(runs_dir).parent
         raise LMSpectraError(f"lm-spectra needs finished runs {', '.join(need)} under {root}; "
                              + ("they are not finished yet: wait for them, or drop --no-train to train them"
                                 if not train else "their training did not finish (see their run directories)"))
@@ -350,7 +356,7 @@ def run_experiment(config: str | os.PathLike = "tinystories-cpu", out: str | os.
     if len(set(vocab.values())) > 1:
         raise LMSpectraError(f"the runs use different tokenizers ({vocab}); token-space comparison needs one")
     res = analyse(analyses, tokens=tokens, k=k)
-    res.update(config=config_name(base.name), windows=int(next(iter(analyses.values())).idx.shape[0]),
+    res.update(config=cfgs[RUNS[0]].name, windows=int(next(iter(analyses.values())).idx.shape[0]),
                context=int(next(iter(analyses.values())).idx.shape[1]), missing=missing,
                runs={f"{g}-s{s}": {**r, "run_dir": Path(r["run_dir"]).relative_to(runs_dir).as_posix()}
                      for (g, s), r in runs.items()},  # relative to --runs-dir: the report names no machine paths

@@ -9,16 +9,20 @@ first gate to 80/85/90 % accuracy, timings), table1.json and curves_<dataset>.pn
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 from typing import Any
 
-from sqs.experiments.config import config_name, paper_reference
-from sqs.experiments.style import DATASET_LABEL, DATASET_ORDER, GATE_COLOR, GATE_LABEL, GATES, canonical_gate, fmt
+from sqs.core import GATE_LABEL, GATES, canonical_gate
+from sqs.experiments.style import DATASET_LABEL, DATASET_ORDER, GATE_COLOR, STD_NOTE, fmt, pm
 from sqs.io import read_jsonl, save_figure, write_json, write_text
-from sqs.training.trainer import is_complete, read_metrics
+from sqs.runs.config_files import config_name, paper_reference
+from sqs.runs.naming import gate_key
+from sqs.stats import mean_std
+from sqs.training.rundir import CONFIG, TIMING, is_complete, read_metrics
 
 GATE_ORDER = GATES
+#: One line per `sqs experiment table1` call that trained something, in <runs>/<config>/.
+GRID_LOG = "grid_log.jsonl"
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 THRESHOLDS = (0.80, 0.85, 0.90)
 
@@ -28,9 +32,10 @@ THRESHOLDS = (0.80, 0.85, 0.90)
 
 def collect_runs(runs_dir: str | Path) -> list[dict]:
     """Every image run under `runs_dir`: its config, metrics, completeness and timings.
-    Runs written before the gate renaming (`identity`, `silu`) are filed under the new names."""
+    Runs written before the gate renaming (`identity`, `silu`) are filed under the new names; a
+    gate with non-default parameters is its own setting (`sqs-lam0.1`, as in its run name)."""
     out = []
-    for cfg_path in sorted(Path(runs_dir).rglob("config.json")):
+    for cfg_path in sorted(Path(runs_dir).rglob(CONFIG)):
         run_dir = cfg_path.parent
         try:
             config = json.loads(cfg_path.read_text())
@@ -39,29 +44,47 @@ def collect_runs(runs_dir: str | Path) -> list[dict]:
         if config.get("kind") != "image":
             continue
         timing = {}
-        if (run_dir / "timing.json").exists():
+        if (run_dir / TIMING).exists():
             try:
-                timing = json.loads((run_dir / "timing.json").read_text())
+                timing = json.loads((run_dir / TIMING).read_text())
             except json.JSONDecodeError:
                 pass
-        out.append({"run_dir": str(run_dir), "dataset": config["dataset"], "gate": canonical_gate(config["model"]["gate"]),
+        gate = gate_key(canonical_gate(config["model"]["gate"]), config["model"].get("gate_kwargs"))
+        out.append({"run_dir": str(run_dir), "dataset": config["dataset"], "gate": gate,
                     "seed": config["seed"], "config": config, "metrics": read_metrics(run_dir),
                     "complete": is_complete(run_dir), "timing": timing})
     return out
 
 
 def _signature(config: dict) -> str:
-    """What must agree for runs to be averaged together (all but dataset, gate, seed)."""
+    """What must agree for runs to be shown together (all but dataset, gate and its parameters, seed)."""
     c = {k: v for k, v in config.items() if k not in ("dataset", "seed", "resolved", "kind")}
-    c["model"] = {k: v for k, v in c["model"].items() if k != "gate"}
+    c["model"] = {k: v for k, v in c["model"].items() if k not in ("gate", "gate_kwargs")}
     return json.dumps(c, sort_keys=True)
 
 
 def _seed_stats(xs: list[float]) -> dict:
-    n = len(xs)
-    mean = sum(xs) / n
-    std = statistics.stdev(xs) if n > 1 else 0.0
-    return {"mean": mean, "std": std, "min": min(xs), "max": max(xs), "n": n}
+    """Mean and sample std (`sqs.stats.mean_std`), min, max and n over seeds."""
+    st = mean_std(xs)
+    return {"mean": st["mean"], "std": st["std"], "min": min(xs), "max": max(xs), "n": st["n"]}
+
+
+def settings(cells: dict, ds: str) -> list[str]:
+    """The settings with a cell for dataset `ds` (a gate, or a gate with its tag: `sqs-lam0.1`), the
+    paper's gates first in its order, each gate's tagged settings after it."""
+    keys = [k.split("/", 1)[1] for k in cells if k.split("/", 1)[0] == ds]
+    return sorted(keys, key=_setting_order)
+
+
+def _setting_order(key: str) -> tuple:
+    gate = key.split("-", 1)[0]
+    return (GATE_ORDER.index(gate) if gate in GATE_ORDER else 99, key != gate, key)
+
+
+def setting_label(key: str) -> str:
+    """`SQS`, `SQS (lam0.1)`: the paper's gate label and the tag of non-default parameters."""
+    gate, _, tag = key.partition("-")
+    return GATE_LABEL.get(gate, gate) + (f" ({tag})" if tag else "")
 
 
 def _mean_curve(runs: list[dict], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
@@ -125,7 +148,7 @@ def summarize(runs: list[dict]) -> dict:
         th = {}
         for thr in THRESHOLDS:
             per_gate = {}
-            for gate in GATE_ORDER:
+            for gate in settings(out["cells"], ds):
                 cell = out["cells"].get(f"{ds}/{gate}")
                 if cell is None:
                     continue
@@ -150,7 +173,7 @@ def _signed(x: float, nd: int = 4) -> str:
 
 def _ranking(vals: dict[str, float], reverse: bool = False) -> str:
     order = sorted(vals, key=vals.get, reverse=reverse)
-    return (" > " if reverse else " < ").join(GATE_LABEL.get(g, g) for g in order)
+    return (" > " if reverse else " < ").join(setting_label(g) for g in order)
 
 
 def render_markdown(s: dict, paper: dict, grid_log: list[dict]) -> str:
@@ -175,7 +198,7 @@ def render_markdown(s: dict, paper: dict, grid_log: list[dict]) -> str:
              f"{tr.get('eval_every')} steps"
              + (f" and every {cfg['early_eval_every']} steps up to step {cfg['early_eval_until']}"
                 if cfg.get("early_eval_every") else "") + ".\n")
-    L.append("Ours: mean ± sample std over seeds (n per cell below). Paper: mean of 5 seeds, reference values "
+    L.append(f"Ours: {STD_NOTE} over seeds (n per cell below). Paper: mean of 5 seeds, reference values "
              "of the paper's Table 1 (`sqs/configs/reference/paper.toml`). Δ = ours − paper.\n")
     fr_hdr = " | ".join(f"{int(f * 100)}%" for f in FRACTIONS)
     for ds in s["datasets"]:
@@ -186,7 +209,7 @@ def render_markdown(s: dict, paper: dict, grid_log: list[dict]) -> str:
             L.append(f"### {label}\n")
             L.append(f"| Gate | | {fr_hdr} |")
             L.append("|---|---|" + "---|" * len(FRACTIONS))
-            for gate in GATE_ORDER:
+            for gate in settings(s["cells"], ds):
                 cell = s["cells"].get(f"{ds}/{gate}")
                 if cell is None:
                     continue
@@ -195,17 +218,17 @@ def render_markdown(s: dict, paper: dict, grid_log: list[dict]) -> str:
                 for i, f in enumerate(FRACTIONS):
                     st = cell["fractions"].get(f, {}).get(key)
                     pv = pds.get(gate, {}).get(pkey, [None] * 4)[i]
-                    ours.append(f"{st['mean']:.4f} ± {st['std']:.4f}" if st else "—")
+                    ours.append(pm(st) if st else "—")
                     pap.append(fmt(pv))
                     dif.append(_signed(st["mean"] - pv) if (st and pv is not None) else "—")
-                L.append(f"| {GATE_LABEL[gate]} | ours (n={n}) | " + " | ".join(ours) + " |")
+                L.append(f"| {setting_label(gate)} | ours (n={n}) | " + " | ".join(ours) + " |")
                 if pds:
                     L.append("| | paper | " + " | ".join(pap) + " |")
                     L.append("| | Δ | " + " | ".join(dif) + " |")
             L.append("")
         # rankings and the paper's claims
         for f in (0.25, 1.0):
-            ours_l = {g: s["cells"][f"{ds}/{g}"]["fractions"][f]["test_loss"]["mean"] for g in GATE_ORDER
+            ours_l = {g: s["cells"][f"{ds}/{g}"]["fractions"][f]["test_loss"]["mean"] for g in settings(s["cells"], ds)
                       if f in s["cells"].get(f"{ds}/{g}", {}).get("fractions", {})}
             i = FRACTIONS.index(f)
             pap_l = {g: v["loss"][i] for g, v in pds.items() if g in ours_l}
@@ -226,12 +249,12 @@ def render_markdown(s: dict, paper: dict, grid_log: list[dict]) -> str:
         # thresholds
         th = s["thresholds"].get(ds, {})
         if th:
-            gates_here = [g for g in GATE_ORDER if f"{ds}/{g}" in s["cells"]]
+            gates_here = settings(s["cells"], ds)
             L.append(f"### First to reach 80 / 85 / 90% test accuracy ({DATASET_LABEL.get(ds, ds)})\n")
             L.append("Mean accuracy curve over seeds; cell: first evaluated step at or above the threshold "
                      "(linearly interpolated crossing in parentheses). Paper: SQS is the first to reach "
                      "80%, 85% and 90%.\n")
-            L.append("| Threshold | " + " | ".join(GATE_LABEL[g] for g in gates_here) + " | first |")
+            L.append("| Threshold | " + " | ".join(setting_label(g) for g in gates_here) + " | first |")
             L.append("|---|" + "---|" * (len(gates_here) + 1))
             for thr in THRESHOLDS:
                 t = th[str(thr)]
@@ -239,10 +262,10 @@ def render_markdown(s: dict, paper: dict, grid_log: list[dict]) -> str:
                 for g in gates_here:
                     v = t["per_gate"].get(g)
                     cells.append("not reached" if v is None else f"{v['step']} (~{v['interpolated']:.0f})")
-                first = GATE_LABEL.get(t["first"], "—") if t["first"] else "none"
+                first = setting_label(t["first"]) if t["first"] else "none"
                 tied = t["first_by_eval_step"]
                 if len(tied) > 1:
-                    first += f" (same eval step: {', '.join(GATE_LABEL[g] for g in tied)})"
+                    first += f" (same eval step: {', '.join(setting_label(g) for g in tied)})"
                 L.append(f"| {int(thr * 100)}% | " + " | ".join(cells) + f" | {first} |")
             L.append("")
         L.append(f"Curves: `curves_{ds}.png` (mean over seeds, band = min–max).\n")
@@ -258,7 +281,7 @@ def render_markdown(s: dict, paper: dict, grid_log: list[dict]) -> str:
         total = sum(g.get("wall_s") or 0 for g in grid_log)
         L.append(f"\nTotal grid wall time (all invocations): {_dur(total)}.\n")
     else:
-        L.append("No grid_log.jsonl in the runs directory (runs trained one by one).\n")
+        L.append(f"No {GRID_LOG} in the runs directory (runs trained one by one).\n")
     rows = []
     for key, cell in sorted(s["cells"].items(), key=lambda kv: (_order(kv[0]))):
         ds, gate = key.split("/")
@@ -275,7 +298,7 @@ def render_markdown(s: dict, paper: dict, grid_log: list[dict]) -> str:
         L.append("|---|---|---|---|---|---|---|---|")
         for ds, gate, t in rows:
             ms = (1000 * t["train_s"] / t["steps"]) if (t["train_s"] and t["steps"]) else None
-            L.append(f"| {ds} | {GATE_LABEL.get(gate, gate)} | {t['seed']} | {t['steps']} | {fmt(t['train_s'], 1)} | "
+            L.append(f"| {ds} | {setting_label(gate)} | {t['seed']} | {t['steps']} | {fmt(t['train_s'], 1)} | "
                      f"{fmt(t['wall_s'], 1)} | {t['threads'] or '—'} | {fmt(ms, 1)} |")
         L.append("")
     if s["incomplete"]:
@@ -289,8 +312,7 @@ def render_markdown(s: dict, paper: dict, grid_log: list[dict]) -> str:
 
 def _order(key: str) -> tuple:
     ds, gate = key.split("/")
-    return (DATASET_ORDER.index(ds) if ds in DATASET_ORDER else 99,
-            GATE_ORDER.index(gate) if gate in GATE_ORDER else 99)
+    return (DATASET_ORDER.index(ds) if ds in DATASET_ORDER else 99,) + _setting_order(gate)
 
 
 def _dur(sec: float | None) -> str:
@@ -310,17 +332,18 @@ def plot_curves(s: dict, ds: str, path: Path) -> Path:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     lo_acc, hi_acc = 1.0, 0.0
-    for gate in GATE_ORDER:
+    for gate in settings(s["cells"], ds):
         cell = s["cells"].get(f"{ds}/{gate}")
         if cell is None:
             continue
         n = len(cell["seeds"])
+        color, ls = GATE_COLOR.get(gate.split("-", 1)[0], "k"), "-" if "-" not in gate else "--"
         for ax, key in zip(axes, ("test_loss", "test_acc")):
             c = cell[key + "_curve"]
             if not c["steps"]:
                 continue
-            ax.plot(c["steps"], c["mean"], color=GATE_COLOR[gate], lw=1.6, label=f"{GATE_LABEL[gate]} (n={n})")
-            ax.fill_between(c["steps"], c["min"], c["max"], color=GATE_COLOR[gate], alpha=0.18, lw=0)
+            ax.plot(c["steps"], c["mean"], color=color, ls=ls, lw=1.6, label=f"{setting_label(gate)} (n={n})")
+            ax.fill_between(c["steps"], c["min"], c["max"], color=color, alpha=0.18, lw=0)
         c = cell["test_acc_curve"]
         if c["steps"]:  # zoom past the first 5% of training, keeping the 80% line in view
             cut = c["steps"][-1] * 0.05
@@ -344,7 +367,7 @@ def plot_curves(s: dict, ds: str, path: Path) -> Path:
 
 
 def read_grid_log(runs_dir: str | Path) -> list[dict]:
-    return read_jsonl(Path(runs_dir) / "grid_log.jsonl")
+    return read_jsonl(Path(runs_dir) / GRID_LOG)
 
 
 def write_report(runs_dir: str | Path, out_dir: str | Path, config: str = "sec42") -> dict[str, Path]:

@@ -1,15 +1,25 @@
 """The run directory: one writer, a config that is checked, a history that is never lost.
 
+Every file a run directory may hold is registered here (`RUN_FILES`, with who writes it and
+when; docs/reliability.md lists the same table), and everything written into it after the
+start goes through this module under the run lock (`write_run_file`, `update_run_json`,
+`locked`):
+
     config.json              the run's identity (written when training starts)
     metrics.jsonl            one record per evaluation, appended
     history.jsonl            events: starts, allowed config changes, divergence, repairs
     checkpoint.safetensors   newest checkpoint; checkpoint.prev.safetensors the one before
     model.safetensors        final weights (finished runs)
     run.lock                 held (fcntl.flock) by the one process training the run
+    timing.json              wall time of the processes that trained an image run
+    tokenizer.json           the tokenizer a language-model run was trained with
+    frontier_analysis.json   the frontier's cached analysis of a finished run
+    spectra/                 `sqs spectra ...` outputs written next to the run (the default --out)
 
 Nothing here is deleted: a file that has to leave its place (a damaged checkpoint, a
 metrics file with a damaged line, the files of a start that never trained) is kept aside
-under a new name, `<name>.<why>-<n>`, and the move is written to history.jsonl.
+under a new name, `<name>.<why>-<n>`, and the move is written to history.jsonl. A divergence
+is the `diverged` event of history.jsonl (`active_divergence`), not a file of its own.
 """
 
 from __future__ import annotations
@@ -22,10 +32,11 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from sqs.core import canonical_gate
-from sqs.io import DataWarning, UserError, append_jsonl, read_jsonl, write_json
+from sqs.io import DataWarning, UserError, append_jsonl, atomic_write, read_jsonl, write_json
+from sqs.training.checkpoint import CheckpointCorrupt, read_meta, verify_checkpoint
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -34,6 +45,27 @@ CHECKPOINT = "checkpoint.safetensors"
 PREVIOUS = "checkpoint.prev.safetensors"
 MODEL = "model.safetensors"
 LOCK = "run.lock"
+TIMING = "timing.json"
+TOKENIZER = "tokenizer.json"
+FRONTIER_ANALYSIS = "frontier_analysis.json"
+SPECTRA = "spectra"
+
+#: Every name a run directory may hold, and who writes it. Besides these only set-aside copies
+#: (`<name>.<why>-<n>`) and the temporary files of an atomic write in progress (`.<name>.*.tmp`)
+#: appear (`unregistered_files` lists anything else).
+RUN_FILES = {
+    CONFIG: "the run's identity; written when training starts, compared on every resume (prepare_run_dir)",
+    METRICS: "one record per evaluation, appended and fsynced (the trainer)",
+    HISTORY: "one line per event: starts, allowed config changes, divergence, files set aside (record_event)",
+    CHECKPOINT: "model, optimizer state and step at every checkpoint step, sha256 in its header (the trainer)",
+    PREVIOUS: "the checkpoint before the newest one (the trainer)",
+    MODEL: "final weights of a finished run (the trainer)",
+    LOCK: "held by the one process that trains the run (RunLock)",
+    TIMING: "wall time of the processes that trained an image run (sqs.runs.image_pipeline.run_image)",
+    TOKENIZER: "the tokenizer a language-model run trains with, written at its start (sqs.runs.lm_pipeline.run_lm)",
+    FRONTIER_ANALYSIS: "the frontier's analysis of a finished run, cached (sqs.experiments.frontier_analysis)",
+    SPECTRA: "folder: `sqs spectra decompose|explain|lm` outputs when --out is not given",
+}
 
 # Settings that may differ on resume when the caller opts in (after a NaN, typically): they
 # change how the remaining steps are taken, not what the run is (model, data, schedule length).
@@ -58,6 +90,93 @@ class RunLocked(RunDirError):
 
 class RunConfigMismatch(RunDirError, ValueError):
     """The run directory was made with another config (and has trained)."""
+
+
+def run_file(run_dir: str | Path, name: str) -> Path:
+    """The path of the registered file `name` of a run directory (ValueError for an unregistered name:
+    a new kind of file is added to `RUN_FILES`, and to docs/reliability.md, first)."""
+    if name not in RUN_FILES:
+        raise ValueError(f"{name!r} is not a file a run directory holds; register it in "
+                         "sqs.training.rundir.RUN_FILES (and docs/reliability.md) first")
+    return Path(run_dir) / name
+
+
+def unregistered_files(run_dir: str | Path) -> list[str]:
+    """Names in `run_dir` that no part of the project writes there: neither registered, nor a
+    set-aside copy `<name>.<why>-<n>`, nor the temporary of a write in progress (`.<name>.<...>`)."""
+    out = []
+    for p in sorted(Path(run_dir).iterdir()):
+        name = p.name
+        if name.startswith("."):
+            ok = any(name[1:].startswith(r + ".") for r in RUN_FILES)
+        else:
+            ok = any(name == r or (name.startswith(r + ".") and _is_aside(name[len(r) + 1:])) for r in RUN_FILES)
+        if not ok:
+            out.append(p.name)
+    return out
+
+
+def _is_aside(suffix: str) -> bool:
+    """`<why>-<n>` (the tail `aside_path` adds), possibly repeated."""
+    return all(part.rpartition("-")[2].isdigit() and part.rpartition("-")[0] for part in suffix.split("."))
+
+
+@contextmanager
+def locked(run_dir: str | Path) -> Iterator[Path]:
+    """Hold the run's lock (RunLock) while writing into its directory; yields the directory."""
+    with RunLock(run_dir):
+        yield Path(run_dir)
+
+
+def write_run_file(run_dir: str | Path, name: str, write: Callable[[Path], None]) -> Path:
+    """Write the registered file `name` atomically (`write(tmp_path)`, then rename) under the run lock."""
+    path = run_file(run_dir, name)
+    with RunLock(run_dir):
+        return atomic_write(path, write)
+
+
+def write_run_json(run_dir: str | Path, name: str, obj: Any) -> Path:
+    """Write the registered JSON file `name` (as `sqs.io.write_json` does) under the run lock."""
+    path = run_file(run_dir, name)
+    with RunLock(run_dir):
+        return write_json(path, obj)
+
+
+def update_run_json(run_dir: str | Path, name: str, update: Callable[[dict], dict]) -> Path:
+    """Read the registered JSON file `name` ({} if absent or unreadable), write `update(old)` back,
+    all under the run lock (so two processes never lose each other's update)."""
+    path = run_file(run_dir, name)
+    with RunLock(run_dir):
+        try:
+            old = json.loads(path.read_text()) if path.exists() else {}
+        except (OSError, ValueError):
+            old = {}
+        return write_json(path, update(old if isinstance(old, dict) else {}))
+
+
+# ----------------------------------------------------------------------------- state of a run
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The evaluation records of a run; damaged lines are skipped with a warning naming
+    their line numbers (the records after them are kept)."""
+    return read_jsonl(Path(run_dir) / METRICS)
+
+
+def is_complete(run_dir: str | Path, verify: bool = False) -> bool:
+    """True for a finished run: a final metrics record and final weights. With `verify` the
+    weights must also match their sha256: experiment loops pass it, so they re-run (and
+    `train` repairs) a finished run whose model.safetensors is damaged instead of skipping it;
+    reports, which read only the metrics, need not."""
+    run_dir = Path(run_dir)
+    if not (run_dir / MODEL).exists() or not any(m.get("final") for m in read_metrics(run_dir)):
+        return False
+    if verify:
+        try:
+            verify_checkpoint(run_dir / MODEL)
+        except CheckpointCorrupt:
+            return False
+    return True
 
 
 def change_hint(keys: Iterable[str]) -> str:
@@ -107,15 +226,22 @@ def copy_aside(path: Path, why: str) -> Path:
     return dest
 
 
-def active_divergence(run_dir: str | Path) -> int | None:
-    """Step of the last recorded divergence that no later start has dealt with, else None."""
-    step = None
+def last_divergence(run_dir: str | Path) -> dict | None:
+    """The last recorded `diverged` event (step, what, checkpoint_step, resume_step) that no later
+    start has dealt with, else None: how experiments tell a diverged run from an unfinished one."""
+    found = None
     for ev in read_history(run_dir):
         if ev.get("event") == "diverged":
-            step = ev.get("step")
+            found = ev
         elif ev.get("event") == "start":
-            step = None
-    return step
+            found = None
+    return found
+
+
+def active_divergence(run_dir: str | Path) -> int | None:
+    """Step of the last recorded divergence that no later start has dealt with, else None."""
+    ev = last_divergence(run_dir)
+    return None if ev is None else ev.get("step")
 
 
 # ----------------------------------------------------------------------------- lock
@@ -268,8 +394,6 @@ def config_diff(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
 
 def planned_resume_step(run_dir: str | Path) -> int:
     """The step a resume of `run_dir` would start from (read from checkpoint headers only)."""
-    from sqs.training.checkpoint import read_meta
-
     run_dir = Path(run_dir)
     limit = active_divergence(run_dir)
     steps = []

@@ -1,6 +1,7 @@
 """One trainer for every experiment (images and language models).
 
-A run is a directory (see sqs.training.rundir):
+A run is a directory (`sqs.training.rundir` owns its files; `is_complete` and
+`read_metrics` are there too):
 
     config.json          everything needed to rebuild model and data
     metrics.jsonl        one JSON record per evaluation (appended, fsynced)
@@ -39,6 +40,7 @@ import math
 import os
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Protocol
@@ -47,7 +49,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from sqs.io import ConfigError, DataWarning, append_jsonl, read_jsonl, scan_jsonl, write_text
+from sqs.io import ConfigError, DataWarning, append_jsonl, scan_jsonl, write_text
 from sqs.training.checkpoint import (
     CheckpointCorrupt,
     NonFiniteState,
@@ -55,25 +57,18 @@ from sqs.training.checkpoint import (
     previous_path,
     read_meta,
     save_checkpoint,
-    verify_checkpoint,
 )
-from sqs.training.rundir import (  # noqa: F401  (re-exported: the trainer's public names)
-    ALLOWED_CHANGES,
+from sqs.training.distributed import rank_world
+from sqs.training.rundir import (
     CHECKPOINT,
     METRICS,
     MODEL,
-    RunConfigMismatch,
-    RunDirError,
     RunLock,
-    RunLocked,
     active_divergence,
-    allow_changes,
     change_hint,
     copy_aside,
-    has_started,
     move_aside,
     prepare_run_dir,
-    read_history,
     record_event,
 )
 
@@ -183,34 +178,6 @@ def step_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed((seed * 1_000_003 + step * 1_009 + micro) % (2**63 - 1))
     return g
-
-
-def _dist() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The evaluation records of a run; damaged lines are skipped with a warning naming
-    their line numbers (the records after them are kept)."""
-    return read_jsonl(Path(run_dir) / METRICS)
-
-
-def is_complete(run_dir: str | Path, verify: bool = False) -> bool:
-    """True for a finished run: a final metrics record and final weights. With `verify` the
-    weights must also match their sha256: experiment loops pass it, so they re-run (and
-    `train` repairs) a finished run whose model.safetensors is damaged instead of skipping it;
-    reports, which read only the metrics, need not."""
-    run_dir = Path(run_dir)
-    if not (run_dir / MODEL).exists() or not any(m.get("final") for m in read_metrics(run_dir)):
-        return False
-    if verify:
-        try:
-            verify_checkpoint(run_dir / MODEL)
-        except CheckpointCorrupt:
-            return False
-    return True
 
 
 def _note(run_dir: Path, message: str, event: str, **fields: Any) -> None:
@@ -348,7 +315,7 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | P
 
     Rank 0 holds the run's lock (RunLocked if another process trains it) until it returns.
     """
-    rank, world = _dist()
+    rank, world = rank_world()
     run_dir = Path(run_dir)
     config = config if config is not None else {"train": asdict(cfg)}
     lock = RunLock(run_dir) if rank == 0 else None
@@ -488,7 +455,7 @@ def _train(model, task, cfg, run_dir: Path, config, progress, desc, stop_after, 
             for micro in range(cfg.grad_accum):
                 batch = task.batch(step, micro, rank, world)
                 sync = micro == cfg.grad_accum - 1
-                ctx = ddp.no_sync() if (world > 1 and not sync) else _null()
+                ctx = ddp.no_sync() if (world > 1 and not sync) else nullcontext()
                 with ctx:
                     loss = task.loss(ddp, batch)
                     (loss / cfg.grad_accum).backward()
@@ -525,10 +492,3 @@ def _train(model, task, cfg, run_dir: Path, config, progress, desc, stop_after, 
         dist.barrier()
     return records
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

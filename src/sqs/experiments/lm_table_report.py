@@ -1,5 +1,6 @@
 """The TinyStories report: table.md / table.json (with the paper's values beside ours),
-curves.png and samples.md, from the run directories alone."""
+curves.png and samples.md, from the run directories alone (`write_report`); table.md can be
+re-made from table.json (`rerender`)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ from typing import Any
 
 import numpy as np
 
-from sqs.experiments.config import paper_reference, run_name
-from sqs.experiments.lm import FRACTIONS, LMRunConfig, generate_text, load_lm
-from sqs.experiments.style import GATE_COLOR, GATE_LABEL, canonical_gate
+from sqs.core import GATE_LABEL, canonical_gate
+from sqs.experiments.style import GATE_COLOR, STD_NOTE
 from sqs.io import save_figure, write_json, write_text
-from sqs.training.trainer import is_complete, read_metrics
+from sqs.runs.config_files import paper_reference
+from sqs.runs.lm_config import LMRunConfig
+from sqs.runs.lm_pipeline import FRACTIONS, generate_text, load_lm
+from sqs.runs.naming import gate_tag
+from sqs.stats import mean_std
+from sqs.training.rundir import CONFIG, is_complete, last_divergence, read_metrics
 
 DEFAULT_PROMPTS = ("Once upon a time", "One day, a little girl named Lily", "The dog was sad because")
 
@@ -44,10 +49,11 @@ def _at_fraction(records: list[dict], f: float) -> dict | None:
 def summarize_run(run_dir: Path) -> dict:
     recs = read_metrics(run_dir)
     info: dict[str, Any] = {"run_dir": str(run_dir), "complete": is_complete(run_dir)}
-    if (run_dir / "diverged.json").exists():
-        info["diverged"] = json.loads((run_dir / "diverged.json").read_text()).get("message")
+    ev = last_divergence(run_dir)
+    if ev is not None:
+        info["diverged"] = f"{ev.get('what', 'diverged')} at step {ev.get('step')}"
     try:
-        cfg = json.loads((run_dir / "config.json").read_text())
+        cfg = json.loads((run_dir / CONFIG).read_text())
         info["plan"] = cfg.get("plan")
         info["data"] = cfg.get("data")
     except (OSError, ValueError):
@@ -70,16 +76,17 @@ def summarize_run(run_dir: Path) -> dict:
     return info
 
 
-def write_report(root: str | os.PathLike, out: str | os.PathLike, runs: list[tuple[str, int]],
-                 cfg: LMRunConfig | None = None, samples: bool = True, max_new_tokens: int = 160,
-                 prompts=DEFAULT_PROMPTS, cache_dir=None) -> dict:
-    """table.md, table.json, curves.png and samples.md from the run directories."""
-    root, out = Path(root), Path(out)
+def write_report(runs: dict[Path, LMRunConfig], out: str | os.PathLike, cfg: LMRunConfig | None = None,
+                 samples: bool = True, max_new_tokens: int = 160, prompts=DEFAULT_PROMPTS, cache_dir=None) -> dict:
+    """table.md, table.json, curves.png and samples.md from the run directories {run_dir: its config}."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for gate, seed in runs:
-        info = summarize_run(root / run_name(gate, seed))
-        rows.append({"gate": gate, "label": GATE_LABEL[gate], "seed": seed, **info})
+    for rd, rc in runs.items():
+        tag = gate_tag(rc.gate, rc.gate_kwargs)
+        info = summarize_run(Path(rd))
+        rows.append({"gate": rc.gate, "label": GATE_LABEL[rc.gate] + (f" ({tag})" if tag else ""), "seed": rc.seed,
+                     **info})
     plan_ = next((r["plan"] for r in rows if r.get("plan")), None)
     data_ = next((r["data"] for r in rows if r.get("data")), None)
 
@@ -88,14 +95,14 @@ def write_report(root: str | os.PathLike, out: str | os.PathLike, runs: list[tup
     throughput = read_throughput(tp_path)
     paper = paper_lm()
     per_gate = {}
-    for gate in dict.fromkeys(g for g, _ in runs):
+    for gate in dict.fromkeys(r["gate"] for r in rows):
         fin = [r["at"]["100%"]["val_loss"] for r in rows if r["gate"] == gate and "100%" in r["at"]]
         bpb = [r["at"]["100%"]["val_bpb"] for r in rows if r["gate"] == gate and "100%" in r["at"]]
         tps = [r["tokens_per_s"] for r in rows if r["gate"] == gate and r.get("tokens_per_s")]
         if fin:
-            m = float(np.mean(fin))
-            per_gate[gate] = {"seeds": len(fin), "val_loss_mean": m,
-                              "val_loss_std": float(np.std(fin, ddof=1)) if len(fin) > 1 else None,
+            stat = mean_std(fin)
+            m = stat["mean"]
+            per_gate[gate] = {"seeds": len(fin), "val_loss_mean": m, "val_loss_std": stat["std"],
                               "val_ppl_of_mean": math.exp(m), "val_bpb_mean": float(np.mean(bpb)),
                               "paper_loss": paper[gate]["loss"], "paper_ppl_as_printed": paper[gate]["ppl_as_printed"],
                               "train_tokens_per_s_mean": float(np.mean(tps)) if tps else None}
@@ -112,8 +119,16 @@ def write_report(root: str | os.PathLike, out: str | os.PathLike, runs: list[tup
     write_text(out / "table.md", _table_md(rows, per_gate, cfg, plan_, data_, throughput))
     _plot_curves(rows, out / "curves.png", cfg)
     if samples:
-        write_text(out / "samples.md", _samples_md(root, runs, prompts, max_new_tokens, cache_dir))
+        write_text(out / "samples.md", _samples_md(runs, prompts, max_new_tokens, cache_dir))
     return table
+
+
+def rerender(out: str | os.PathLike) -> Path:
+    """Re-make table.md from the table.json in `out` alone (the curves and samples need the runs)."""
+    table = json.loads((Path(out) / "table.json").read_text())
+    cfg = LMRunConfig.from_dict(table["config"]) if table.get("config") else None
+    return write_text(Path(out) / "table.md", _table_md(table["runs"], table["per_gate"], cfg, table.get("plan"),
+                                                        table.get("data"), table.get("throughput")))
 
 
 def _table_md(rows, per_gate, cfg, plan_, data_, throughput=None) -> str:
@@ -145,10 +160,10 @@ def _table_md(rows, per_gate, cfg, plan_, data_, throughput=None) -> str:
         L.append(f"| {r['label']}{status} | {r['seed']} | " + " | ".join(cells) +
                  f" | {'—' if tps is None else f'{tps:,.0f}'} |")
     L += ["", "## Per gate at 100 %, with the paper's values as reference", "",
-          "Ours: mean over seeds of the final val loss, exp of that mean, mean bits per byte. "
+          f"Ours: final val loss, {STD_NOTE} over seeds; exp of that mean; mean bits per byte. "
           "Paper: its Table (4-layer d=128 model on the full TinyStories with its own tokenizer), "
           "values as printed.", "",
-          "| Gate | seeds | ours: loss (± sd) | ours: ppl = exp(mean loss) | ours: bpb | paper: loss | "
+          "| Gate | seeds | ours: loss (± sample std) | ours: ppl = exp(mean loss) | ours: bpb | paper: loss | "
           "paper: 'perplexity' as printed | exp(paper loss) |", "|---|---|---|---|---|---|---|---|"]
     for gate, g in per_gate.items():
         sd = f" ± {g['val_loss_std']:.4f}" if g["val_loss_std"] is not None else ""
@@ -162,7 +177,7 @@ def _table_md(rows, per_gate, cfg, plan_, data_, throughput=None) -> str:
                   f"paper: {' < '.join(GATE_LABEL[g] for g in paper)}."]
         multi = [g for g in per_gate.values() if g["val_loss_std"] is not None]
         if multi:
-            L.append("Seed-to-seed standard deviation of the final loss: "
+            L.append("Seed-to-seed sample standard deviation (n − 1) of the final loss: "
                      + ", ".join(f"{GATE_LABEL[k]} {v['val_loss_std']:.4f}" for k, v in per_gate.items()
                                  if v["val_loss_std"] is not None)
                      + "; gaps between gates smaller than that are noise.")
@@ -235,16 +250,16 @@ def _plot_curves(rows, path: Path, cfg) -> None:
     save_figure(fig, path)
 
 
-def _samples_md(root: Path, runs, prompts, max_new_tokens: int, cache_dir) -> str:
+def _samples_md(runs: dict[Path, LMRunConfig], prompts, max_new_tokens: int, cache_dir) -> str:
     L = ["# TinyStories samples (compare the paper's App. D)", "",
          f"Each gate's first-seed run; the same prompts; greedy decoding and temperature 0.8 "
          f"(no top-k, generator seed 0); at most {max_new_tokens} new tokens, stopping at <|endoftext|>. "
          f"Regenerate any of them with `sqs generate RUN_DIR --prompt ... --temperature 0.8 --seed 0`.", ""]
     done = set()
-    for gate, seed in runs:
+    for rd, rc in runs.items():
+        gate = rc.gate
         if gate in done:
             continue
-        rd = root / run_name(gate, seed)
         done.add(gate)
         L += [f"## {GATE_LABEL[gate]} (`{rd}`)", ""]
         try:

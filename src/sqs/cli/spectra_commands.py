@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 
-from sqs.cli._args import nonneg_int, positive_int
+from sqs.cli.args import nonneg_int, positive_int
 from sqs.io import UserError
 
 
@@ -25,20 +25,20 @@ def _clean_errors(fn):
 
 
 def _decompose(args) -> list[str]:
-    from sqs.experiments.spectra import decompose_run
+    from sqs.experiments.weight_spectra import decompose_run
 
     return decompose_run(args.run_dir, out=args.out, dataset=args.dataset, data_dir=args.data_dir, force=args.force,
                          with_fidelity=not args.no_fidelity, n=args.n)[1]
 
 
 def _compare(args) -> list[str]:
-    from sqs.experiments.spectra import compare_runs
+    from sqs.experiments.weight_spectra import compare_runs
 
     return compare_runs(args.run_dir_a, args.run_dir_b, out=args.out, force=args.force)[1]
 
 
 def _explain(args) -> list[str]:
-    from sqs.experiments.spectra import explain_run
+    from sqs.experiments.weight_spectra import explain_run
 
     return explain_run(args.run_dir, args.index, out=args.out, dataset=args.dataset, data_dir=args.data_dir,
                        force=args.force, top=args.top)[1]

@@ -1,4 +1,4 @@
-"""Argument helpers shared by the command modules: gate names, `--set`, and range-checked numbers.
+"""Argument helpers shared by the command modules: gate names, `--set`, `--runs-dir`, range-checked numbers.
 
 Every numeric flag goes through one of the `type=` checkers below, so a value out of range
 (`--epochs 0`, `--top-k -3`, `--temperature nan`) is refused at parse time with one line that
@@ -11,8 +11,11 @@ import argparse
 import math
 from typing import Callable
 
-from sqs.functional import GATE_ALIASES, GATES, canonical_gate
+from sqs.core import GATE_ALIASES, GATES, canonical_gate
 from sqs.training.rundir import ALLOWED_CHANGES
+
+RUNS_HELP = ("runs folder: each run goes to RUNS_DIR/<config>/<dataset>/<gate>[-<params>]-s<seed>, named by its "
+             "config (default: %(default)s)")
 
 
 def gate(name: str) -> str:

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-from sqs.cli._args import add_allow_change, add_gate, add_set, nonneg_int, positive_float, positive_int
+from sqs.cli.args import RUNS_HELP, add_allow_change, add_gate, add_set, nonneg_int, positive_float, positive_int
 
 
 def image_config(args, gate: str | None = None, dataset: str | None = None, seed: int | None = None):
     """The image config named by --config with --set and the per-run flags applied."""
-    from sqs.experiments.image import load_config
+    from sqs.runs.image_config import load_config
 
     ov = list(args.overrides or [])
     for key, val in (("dataset", dataset), ("model.gate", gate), ("seed", seed), ("epochs", args.epochs),
@@ -26,7 +25,7 @@ def image_config(args, gate: str | None = None, dataset: str | None = None, seed
 def config_errors(load, *a, **kw):
     """Call a config loader; its refusals (ValueError, TypeError) are errors in the user's config or
     flags, reported as one-line ConfigError naming the config."""
-    from sqs.training.trainer import ConfigError
+    from sqs.io import ConfigError
 
     try:
         return load(*a, **kw)
@@ -39,28 +38,25 @@ def config_errors(load, *a, **kw):
 def _train_image(args) -> int:
     import torch
 
-    from sqs.experiments.image import run_image
+    from sqs.runs.image_pipeline import run_image
     from sqs.training.rundir import allow_changes
 
     cfg = image_config(args, gate=args.gate, dataset=args.dataset, seed=args.seed)
     if args.print_config:
         print(cfg.to_toml(), end="")
         return 0
-    if args.run_dir is None:
-        print("sqs: error: sqs train image: --run-dir DIR is required (unless --print-config)", file=sys.stderr)
-        return 2
+    run_dir = Path(args.run_dir) if args.run_dir else cfg.run_dir(args.runs_dir)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     with allow_changes(*args.allow_change):
-        recs = run_image(cfg, args.run_dir, progress=not args.no_progress, data_dir=args.data_dir,
-                         cache_dir=args.cache_dir)
+        recs = run_image(cfg, run_dir, progress=not args.no_progress, data_dir=args.data_dir, cache_dir=args.cache_dir)
     final = recs[-1] if recs else {}
     if final.get("final"):
-        print(f"{cfg.name()}: step {final['step']}, test loss {final['test_loss']:.4f}, "
-              f"test acc {final['test_acc']:.4f} ({time.perf_counter() - t0:.1f} s) -> {args.run_dir}")
+        print(f"{cfg.label()}: step {final['step']}, test loss {final['test_loss']:.4f}, "
+              f"test acc {final['test_acc']:.4f} ({time.perf_counter() - t0:.1f} s) -> {run_dir}")
     else:
-        print(f"{cfg.name()}: stopped at step {final.get('step')}; re-run the same command to resume")
+        print(f"{cfg.label()}: stopped at step {final.get('step')}; re-run the same command to resume")
     return 0
 
 
@@ -70,7 +66,7 @@ def add_image_common(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     p.add_argument("--epochs", type=positive_float, default=None,
                    help="override the config's epochs (> 0; default: config, 20)")
-    add_set(p, "--set model.norm=rms --set train.lr=3e-3 --set noise_std=0.5")
+    add_set(p, "--set model.norm=rms --set train.lr=3e-3 --set model.gate_kwargs.lam=0.1")
     p.add_argument("--cache-dir", help="cache root holding the datasets (default $SQS_CACHE_DIR or ~/.cache/sqs)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads per process")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -83,7 +79,7 @@ def add_lm_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="tinystories-cpu",
                    help="a shipped LM config (tinystories-cpu, tinystories-paper) or a .toml path "
                         "(default: tinystories-cpu)")
-    add_set(p, "--set train.lr=3e-4 --set train.batch_size=64 --set train.grad_accum=4")
+    add_set(p, "--set train.lr=3e-4 --set train.batch_size=64 --set model.gate_kwargs.lam=0.1")
     p.add_argument("--epochs", type=positive_float, help="training length in epochs, > 0 (replaces the config's length)")
     p.add_argument("--tokens", type=positive_int, help="training length in tokens, >= 1 (replaces the config's length)")
     p.add_argument("--steps", type=positive_int,
@@ -97,34 +93,23 @@ def lm_length(args) -> dict:
     return {k: getattr(args, k) for k in ("epochs", "tokens", "steps") if getattr(args, k) is not None}
 
 
-def is_rank0() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def finish_dist(initialised: bool) -> None:
-    import torch.distributed as dist
-
-    if initialised and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def _train_lm(args) -> int:
-    from sqs.experiments import lm
-    from sqs.experiments.config import run_dir as default_run_dir
+    from sqs.runs.lm_config import load_config
+    from sqs.runs.lm_pipeline import run_lm
+    from sqs.training.distributed import finish_distributed, init_distributed, is_rank0
     from sqs.training.rundir import allow_changes
 
-    cfg = config_errors(lm.load_config, args.config, args.overrides, gate=args.gate, seed=args.seed,
-                        **lm_length(args))
-    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir("runs", cfg.name, lm.DATASET, cfg.gate, cfg.seed)
-    started = lm.init_distributed(args.device)
+    cfg = config_errors(load_config, args.config, args.overrides, gate=args.gate, seed=args.seed, **lm_length(args))
+    if args.print_config:
+        print(cfg.to_toml(), end="")
+        return 0
+    run_dir = Path(args.run_dir) if args.run_dir else cfg.run_dir(args.runs_dir)
+    started = init_distributed(args.device)
     try:  # errors (a NaN: status 1; a user error: status 2) are reported by sqs.cli.main
         with allow_changes(*args.allow_change):
-            records = lm.run_lm(cfg, run_dir, cache_dir=args.cache_dir, device=args.device,
-                                progress=not args.no_progress)
+            records = run_lm(cfg, run_dir, cache_dir=args.cache_dir, device=args.device, progress=not args.no_progress)
     finally:
-        finish_dist(started)
+        finish_distributed(started)
     if is_rank0() and records:
         last = records[-1]
         print(json.dumps({"run_dir": str(run_dir), **{k: last.get(k) for k in
@@ -133,20 +118,23 @@ def _train_lm(args) -> int:
 
 
 def register(sub, groups) -> None:
-    from sqs.experiments.image import DATASETS
+    from sqs.runs.image_config import DATASETS
 
     p = groups["train"].add_parser(
         "image", help="train one MNIST / Fashion-MNIST classifier (paper Sec. 4)",
         description="Train one image classifier into a run directory (config.json, metrics.jsonl, checkpoints, "
                     "model.safetensors). Re-running the same command resumes an interrupted run and does nothing "
-                    "for a finished one. Convention: --run-dir runs/<config>/<dataset>/<gate>-s<seed>.")
+                    "for a finished one. The run goes to its config's run directory, "
+                    "RUNS_DIR/<config>/<dataset>/<gate>[-<params>]-s<seed> (e.g. runs/sec42/mnist/sqs-lam0.1-s0), "
+                    "unless --run-dir says otherwise.")
     add_image_common(p)
     p.add_argument("--dataset", choices=DATASETS, default=None, help="default: the config's (mnist)")
     add_gate(p, "--gate", default=None, help="GLU gate (default: the config's, sqs)")
     p.add_argument("--seed", type=nonneg_int, default=None, help="default: the config's (0)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="override the config's batch size")
     add_allow_change(p)
-    p.add_argument("--run-dir", help="the run directory (required)")
+    p.add_argument("--run-dir", help="the run directory (default: the config's, under --runs-dir)")
+    p.add_argument("--runs-dir", default="runs", help=RUNS_HELP)
     p.add_argument("--data-dir", help="a folder with the dataset's four IDX files (raw or .gz) instead of the cache")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
     p.set_defaults(func=_train_image)
@@ -160,6 +148,8 @@ def register(sub, groups) -> None:
     add_gate(p, "--gate", default=None, help="GLU gate (default: the config's, sqs)")
     p.add_argument("--seed", type=nonneg_int, default=None, help="seed (default: the config's, 0)")
     add_allow_change(p)
-    p.add_argument("--run-dir", help="run directory (default runs/<config>/tinystories/<gate>-s<seed>); "
-                                     "re-running the same command resumes it")
+    p.add_argument("--run-dir", help="run directory (default: the config's, RUNS_DIR/<config>/tinystories/"
+                                     "<gate>[-<params>]-s<seed>); re-running the same command resumes it")
+    p.add_argument("--runs-dir", default="runs", help=RUNS_HELP)
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
     p.set_defaults(func=_train_lm)

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from sqs.cli._args import nonneg_float, nonneg_int, positive_int
+from sqs.cli.args import nonneg_float, nonneg_int, positive_int
 
 
 def _generate(args) -> int:
-    from sqs.experiments import lm
+    from sqs.runs.lm_pipeline import generate_text, load_lm
 
-    loaded = lm.load_lm(args.run_dir, device=args.device if args.device != "auto" else "cpu",
-                        cache_dir=args.cache_dir)
+    loaded = load_lm(args.run_dir, device=args.device if args.device != "auto" else "cpu", cache_dir=args.cache_dir)
     for i in range(args.num_samples):
-        text = lm.generate_text(loaded, args.prompt, max_new_tokens=args.max_new_tokens,
-                                temperature=args.temperature, top_k=args.top_k, seed=args.seed + i,
-                                stop_at_eot=not args.no_stop)
+        text = generate_text(loaded, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_k=args.top_k, seed=args.seed + i, stop_at_eot=not args.no_stop)
         if args.num_samples > 1:
             print(f"--- sample {i + 1} (seed {args.seed + i})")
         print(text)

@@ -1,4 +1,4 @@
-"""One config system and one run-directory convention for every experiment.
+"""The one config system of every run: TOML files, dotted overrides, gate parameters.
 
 Configs are TOML files shipped in `sqs/configs/<kind>/` (kind: `image`, `lm`), read by
 name (`sec42`, `tinystories-cpu`) or from any `.toml` path, with nested tables
@@ -8,14 +8,12 @@ values, as on the command line:
     d, name = load_config_dict("image", "sec42", ["model.gate=sqs", "train.lr=3e-3"])
     d, name = load_config_dict("lm", "tinystories-cpu", ["train.epochs=3"])
 
-Each experiment maps the nested dict onto its dataclass (`ImageRunConfig.from_dict`,
-`LMRunConfig.from_toml`). Runs live at
-
-    <runs_root>/<config name>/<dataset>/<gate>-s<seed>     e.g. runs/sec42/mnist/sqs-s0
-
-(`run_dir`); a gate with non-default parameters adds a tag (`sqs-lam0.1-s0`), and a run whose
-init and data seeds are split is `<gate>-i<init>-d<data>` (`run_name`). The paper's reference numbers, which every report prints beside ours, are
-one data file, `sqs/configs/reference/paper.toml` (`paper_reference`).
+Each pipeline maps the nested dict onto its run config (`sqs.runs.image_config.ImageRunConfig`,
+`sqs.runs.lm_config.LMRunConfig`), which validates every value (gate parameters with
+`check_gate_kwargs`) before anything is written, and names its run directory
+(`cfg.run_dir(root)`, the rule in `sqs.runs.naming`). The paper's reference numbers, which
+every report prints beside ours, are one data file, `sqs/configs/reference/paper.toml`
+(`paper_reference`).
 """
 
 from __future__ import annotations
@@ -28,8 +26,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from sqs.core import DEFAULT_C, DEFAULT_LAM, DEFAULT_P, load_toml
-from sqs.functional import canonical_gate
+from sqs.core import load_toml
+from sqs.functional import canonical_gate, gate_fn
 from sqs.io import ConfigError
 
 KINDS = ("image", "lm")
@@ -176,79 +174,41 @@ def _key(k: str) -> str:
     return k if k.replace("_", "").replace("-", "").isalnum() else json.dumps(k)
 
 
-# ----------------------------------------------------------------------------- run directories
+# ----------------------------------------------------------------------------- gate parameters
+
+#: How every config spells a gate's parameters (image and LM alike): `--set model.gate_kwargs.lam=0.1`.
+GATE_KWARGS_KEY = "model.gate_kwargs"
 
 
-def gate_tag(gate: str, gate_kwargs: Mapping[str, Any] | None = None) -> str:
-    """The gate's non-default parameters as a run-name tag: `lam0.1`, `c0`, `p2`, `lam0.5-p2` ('' for the defaults).
-
-    SQS parameters are listed in the order c, lam, p and only where they differ from the
-    defaults (`sqs.core.DEFAULT_C`, `DEFAULT_LAM`, `DEFAULT_P`), so the paper's default gate keeps
-    the plain name `sqs`; other gates' keyword arguments are listed sorted by name.
-    """
-    kw = dict(gate_kwargs or {})
-    if canonical_gate(gate) == "sqs":
-        defaults = {"c": DEFAULT_C, "lam": DEFAULT_LAM, "p": DEFAULT_P}
-        keys = [k for k in ("c", "lam", "p") if k in kw and float(kw[k]) != defaults[k]]
-        keys += sorted(k for k in kw if k not in defaults)
-    else:
-        keys = sorted(kw)
-    return "-".join(f"{k}{_num(kw[k])}" for k in keys)
+def grid_gate_overrides(gate: str) -> list[str]:
+    """The override a grid over several gates adds for `gate`: none for SQS, and for the gates
+    that take no parameters (relu, gelu, swiglu, bilinear) an empty parameter table, so that
+    `--set model.gate_kwargs.lam=0.1` over all five gates varies SQS and keeps the references plain."""
+    return [] if canonical_gate(gate) == "sqs" else [f"{GATE_KWARGS_KEY}={{}}"]
 
 
-def _num(v: Any) -> str:
-    return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+def check_gate_kwargs(gate: str, gate_kwargs: Any) -> dict:
+    """The gate's parameters as a dict, checked by type here and by name and range by the gate
+    itself (`sqs.functional.gate_fn`: unknown names, p > 0, lam >= 0, finite); ConfigError
+    naming `model.gate_kwargs.<name>` and the fix otherwise.
 
-
-def run_name(gate: str, seed: int, *, init_seed: int | None = None, data_seed: int | None = None,
-             gate_kwargs: Mapping[str, Any] | None = None) -> str:
-    """`<gate>[-<tag>]-s<seed>` with the gate's paper name (aliases accepted); a run whose init and
-    data seeds differ from `seed` is `<gate>[-<tag>]-i<init>-d<data>` (None means `seed`)."""
-    tag = gate_tag(gate, gate_kwargs)
-    base = canonical_gate(gate) + (f"-{tag}" if tag else "")
-    init = int(seed) if init_seed is None else int(init_seed)
-    data = int(seed) if data_seed is None else int(data_seed)
-    if init == int(seed) and data == int(seed):
-        return f"{base}-s{int(seed)}"
-    return f"{base}-i{init}-d{data}"
-
-
-def run_dir(runs_root: str | Path, config: str | Path, dataset: str, gate: str, seed: int, *,
-            init_seed: int | None = None, data_seed: int | None = None,
-            gate_kwargs: Mapping[str, Any] | None = None) -> Path:
-    """`<runs_root>/<config name>/<dataset>/<run_name>`, the one layout of every experiment."""
-    return Path(runs_root) / config_name(config) / dataset / run_name(
-        gate, seed, init_seed=init_seed, data_seed=data_seed, gate_kwargs=gate_kwargs)
-
-
-_OLD_GATE_NAMES = {"bilinear": ("identity",), "swiglu": ("silu",)}
-
-
-def legacy_run_dirs(runs_root: str | Path, config: str | Path, dataset: str, gate: str, seed: int) -> list[Path]:
-    """Where earlier versions put this run: `<dataset>/<gate>/seed<k>` (table1),
-    `<dataset>/<gate>-seed<k>` (spectra), `<config>/<gate>-s<k>` (lm), each under the
-    runs folder or its `<config>` subfolder, with the old gate names too."""
-    gate = canonical_gate(gate)
-    root, name = Path(runs_root), config_name(config)
-    out = []
-    for g in (gate,) + _OLD_GATE_NAMES.get(gate, ()):
-        for base in (root, root / name):
-            out += [base / dataset / g / f"seed{seed}", base / dataset / f"{g}-seed{seed}"]
-        out.append(root / name / f"{g}-s{seed}")
-        if g != gate:
-            out.append(root / name / dataset / f"{g}-s{seed}")
-    return out
-
-
-def check_no_legacy(runs_root: str | Path, config: str | Path, dataset: str, gate: str, seed: int) -> None:
-    """Refuse to start a run from scratch when the same run exists in an old layout: say how to move it."""
-    new = run_dir(runs_root, config, dataset, gate, seed)
-    if (new / "config.json").exists():
-        return
-    for old in legacy_run_dirs(runs_root, config, dataset, gate, seed):
-        if (old / "config.json").exists():
-            raise FileExistsError(f"{old} is this run in the old layout; move it to the new one with "
-                                  f"`mkdir -p {new.parent} && mv {old} {new}`, then re-run")
+    A config must refuse them before anything is written: a bad value used to pass
+    `--print-config` and fail only when the model was built, one traceback per run of a grid."""
+    if gate_kwargs is None:
+        return {}
+    if not isinstance(gate_kwargs, Mapping):
+        raise ConfigError(f"`{GATE_KWARGS_KEY}` must be a table of numbers (e.g. --set {GATE_KWARGS_KEY}.lam=0.1), "
+                          f"got {gate_kwargs!r}")
+    kw = dict(gate_kwargs)
+    for name, value in kw.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"`{GATE_KWARGS_KEY}.{name}` must be a number, got {value!r} "
+                              f"(e.g. --set {GATE_KWARGS_KEY}.{name}=0.1)")
+    try:
+        gate_fn(gate, **kw)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"`{GATE_KWARGS_KEY}`: {e}") from None
+    return kw
 
 
 # ----------------------------------------------------------------------------- the paper's numbers

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from sqs.cli._args import nonneg_int
+from sqs.cli.args import nonneg_int
 
 IMAGE_DATASETS = ("mnist", "fashion-mnist")
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from sqs.experiments.config import paper_reference
-from sqs.experiments.style import DATASET_SHORT, fmt
+from sqs.experiments.agreement_baselines import baseline_table
+from sqs.experiments.style import DATASET_SHORT, STD_NOTE, fmt, pm
 from sqs.interp import plots
 from sqs.interp.spectra import READING_LABELS, model_logits
+from sqs.runs.config_files import paper_reference
+from sqs.stats import mean_std
 
 GATES = ("bilinear", "sqs")
 #: "≈ cos_top" in the paper's claim, read as at least cos_top - COS_TOP_TOL.
@@ -50,7 +52,7 @@ def spectra_figures(an: dict, cos: dict, ds: str, out: Path, explain_index: int,
     if curves:
         p = plots.save(plots.plot_cosine_per_rank(curves, title=f"{ds}: |cos| per rank, pixel space "
                                                   f"({rlabel}; ranks by |λ|)\nmean over classes and seed "
-                                                  "pairs, band ±1 std", reference=reference), ds_out / "cosine_per_rank.png")
+                                                  "pairs, band ±1 sample std", reference=reference), ds_out / "cosine_per_rank.png")
         figs.append((str(p.relative_to(out)), "cosine per rank, all ranks"))
         p = plots.save(plots.plot_cosine_per_rank(curves, max_rank=20, title=f"{ds}: |cos| per rank, top 20 "
                                                   f"({rlabel}; ranks by |λ|)", reference=reference),
@@ -110,8 +112,6 @@ def summary_markdown(summary: dict, figures: dict | None = None) -> str:
         if d.get("verdict"):
             L += ["**Verdict.** " + d["verdict"], ""]
         if d.get("agreement"):
-            from sqs.experiments.frontier_report import baseline_table
-
             L += [f"### Fair agreement (positive side, signed order; SQS read with the {d['reading']} reading and "
                   "the first-order one)", ""] + baseline_table(d["agreement"])
             L += ["", "Per class, eigenvectors of positive eigenvalue (largest first) in pixel space; per-rank |cos|, "
@@ -122,7 +122,7 @@ def summary_markdown(summary: dict, figures: dict | None = None) -> str:
         fr_ = d.get("fidelity_by_reading") or {}
         if any(fr_.values()):
             header, rows = fidelity_table({f"SQS, {r} reading": v for r, v in fr_.items() if v})
-            L += ["", "### Fidelity of each reading of SQS (test set; gain fitted on the training images)", "",
+            L += ["", f"### Fidelity of each reading of SQS (test set; gain fitted on the training images; {STD_NOTE} over seeds)", "",
                   "| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
         L += ["", "### |cos| per rank (ranks by |λ|, the earlier convention)", ""]
         L.append("| pairing | pairs | rank 1 | rank 2 | rank 3 | rank 4 | rank 5 | min top-10 | min top-20 | "
@@ -135,7 +135,7 @@ def summary_markdown(summary: dict, figures: dict | None = None) -> str:
                      f"{st['first_rank_below_0.5'] or 'never'} | "
                      + (" / ".join(f"{v:.2f}" for v in st["best_match_top5"]) if "best_match_top5" in st else "—")
                      + " |")
-        L += ["", "Mean ± std over (class, seed pair); min columns: minimum over ranks of the mean curve. "
+        L += ["", f"Per rank: {STD_NOTE} over (class, seed pair); min columns: minimum over ranks of the mean curve. "
                   "Best-match: for the eigenvector of rank k of the first model, the largest |cos| with any "
                   "eigenvector of the same class of the second (high best-match with low per-rank |cos| = same "
                   "features in swapped ranks). Same-seed pairs share the initial weights, the batches and the "
@@ -144,8 +144,9 @@ def summary_markdown(summary: dict, figures: dict | None = None) -> str:
         L += [""] + _claims(d["cosine"], fig2)
         share = d["spectrum_top5_share"]
         L += ["", "Spectrum concentration (App. B: the first few eigenvalues dominate): top-5 share of Σ|λ|, "
-                  "mean over classes: " + "; ".join(f"{g} {mean_std(v)}" for g, v in share.items() if v) + "."]
-    L += ["", "## Fidelity of the eigen-reading (test set, mean ± std over seeds)", ""]
+                  "mean over classes, " + STD_NOTE + " over seeds: "
+              + "; ".join(f"{g} {pm(mean_std(v))}" for g, v in share.items() if v) + "."]
+    L += ["", f"## Fidelity of the eigen-reading (test set, {STD_NOTE} over seeds)", ""]
     L += _fidelity_side_by_side(summary)
     if figures:
         L += ["", "## Figures", ""]
@@ -245,15 +246,6 @@ def _fidelity_side_by_side(summary: dict) -> list[str]:
 # --------------------------------------------------------------------------- tables
 
 
-def mean_std(values) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
-
-
 FIDELITY_ROWS = [
     ("model accuracy", lambda f: f["model_acc"]),
     ("surrogate accuracy (all eigenvectors)", lambda f: f["surrogate_acc"]),
@@ -266,7 +258,7 @@ FIDELITY_ROWS = [
 def fidelity_table(columns: dict[str, list[dict]]) -> tuple[list[str], list[list[str]]]:
     """Header and rows: one column per model (a list of fidelity dicts, e.g. one per seed)."""
     header = ["metric"] + list(columns)
-    rows = [[name] + [mean_std([get(f) for f in fids if f]) for fids in columns.values()]
+    rows = [[name] + [pm(mean_std([get(f) for f in fids if f])) for fids in columns.values()]
             for name, get in FIDELITY_ROWS]
     keys = []
     for fids in columns.values():
@@ -277,6 +269,6 @@ def fidelity_table(columns: dict[str, list[dict]]) -> tuple[list[str], list[list
         if k == "all":  # the "surrogate accuracy (all eigenvectors)" row
             continue
         rows.append([f"top-{k} surrogate accuracy"] + [
-            mean_std([f["truncated"][k]["acc"] for f in fids if f and k in f["truncated"]])
+            pm(mean_std([f["truncated"][k]["acc"] for f in fids if f and k in f["truncated"]]))
             for fids in columns.values()])
     return header, rows

@@ -1,11 +1,12 @@
-"""`sqs bench ops`, `sqs bench glu`, `sqs bench head` and `sqs bench lm`: parse, call `sqs.bench.ops`
-(and `sqs.experiments.lm_experiment.measure_throughput`), print and keep the tables."""
+"""`sqs bench ops|glu|head|lm|hf`: parse, call `sqs.bench.glu` (the gate op, the GLU layer),
+`sqs.bench.lm` (the LM head; the LM step through `sqs.experiments.lm_table.measure_throughput`)
+or `sqs.bench.hf`, print and keep the tables."""
 
 from __future__ import annotations
 
 import itertools
 
-from sqs.cli._args import add_gate, bounded, positive_int
+from sqs.cli.args import add_gate, bounded, positive_int
 
 REPS = bounded(int, 1)  # timed repetitions
 
@@ -30,7 +31,7 @@ def _device(name: str) -> str:
 
 
 def _ops(args) -> int:
-    from sqs.bench.ops import bench_ops, format_ops_table
+    from sqs.bench.glu import bench_ops, format_ops_table
 
     dtype = _dtype(args.dtype)
     device = _device(args.device)
@@ -62,7 +63,7 @@ def _write(out: str | None, title: str, tables: list[str]) -> None:
 def _glu(args) -> int:
     from tqdm import tqdm
 
-    from sqs.bench.ops import bench_glu, format_glu_table
+    from sqs.bench.glu import bench_glu, format_glu_table
 
     dtype = _dtype(args.dtype)
     device = _device(args.device)
@@ -77,8 +78,8 @@ def _glu(args) -> int:
 
 
 def _head(args) -> int:
-    from sqs.bench.ops import bench_head, format_head_table
-    from sqs.experiments.lm import load_config
+    from sqs.bench.lm import bench_head, format_head_table
+    from sqs.runs.lm_config import load_config
 
     cfg = load_config(args.config)
     tokens = (args.batch or cfg.micro_batch) * cfg.context
@@ -90,9 +91,9 @@ def _head(args) -> int:
 
 
 def _lm(args) -> int:
-    from sqs.bench.ops import format_lm_table
-    from sqs.experiments.lm import load_config
-    from sqs.experiments.lm_experiment import measure_throughput
+    from sqs.bench.lm import format_lm_table
+    from sqs.experiments.lm_table import measure_throughput
+    from sqs.runs.lm_config import load_config
 
     gates = list(dict.fromkeys(["swiglu"] + list(args.gates)))  # SwiGLU: the baseline
     tp = measure_throughput(load_config(args.config), gates, reps=args.reps, batch=args.batch)

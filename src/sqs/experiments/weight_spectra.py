@@ -4,53 +4,72 @@
 
 trains (or reuses finished) 1-layer Bilinear and SQS models per seed and dataset with
 the image pipeline's `sec41` config, decomposes them (`sqs.interp`) and writes
-results/spectra/{summary.md, summary.json, <dataset>/*.png}. This module also holds the
-run-directory side of the analysis: `load_run` and `analyse_run` turn a run directory
-into a model, its decomposition and its fidelity on the test set.
+results/spectra/{summary.md, summary.json, <dataset>/*.png} (`weight_spectra_report`).
+`overrides` (`model.gate_kwargs.lam=0.1`) give the SQS runs other parameters and their
+tagged run directories (`sqs-lam0.1-s0`); the Bilinear runs take none. This module also
+holds the run-directory side of the analysis: `load_run` and `analyse_run` turn a run
+directory into a model, its decomposition and its fidelity on the test set, and the
+single-run commands (`sqs spectra decompose|compare|explain`).
 """
 
 from __future__ import annotations
 
 import json
-import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 
-from sqs.experiments import image as pipeline
-from sqs.experiments import spectra_report as report
-from sqs.experiments.config import check_no_legacy, run_dir
-from sqs.experiments.frontier import agreement_brief
-from sqs.experiments.frontier_report import baseline_pairs
-from sqs.experiments.spectra_report import GATES, fig2_reference, reference_lines
+from sqs.experiments.agreement_baselines import agreement_brief, baseline_pairs
+from sqs.experiments.style import say
+from sqs.experiments.weight_spectra_report import (
+    GATES,
+    fig2_reference,
+    reference_lines,
+    spectra_figures,
+    summary_markdown,
+    verdict,
+)
+from sqs.interp import plots
 from sqs.interp.spectra import (
     DEFAULT_KS,
     Decomposition,
-    cosine_best_match,
     contributions,
+    cosine_best_match,
     cosine_per_rank,
     decompose,
     fidelity,
     model_logits,
-    pair_cosines,
 )
-from sqs.interp import plots
 from sqs.io import atomic_write, write_json, write_text
-from sqs.training.trainer import is_complete
+from sqs.runs.config_files import grid_gate_overrides
+from sqs.runs.image_config import ImageRunConfig, load_config
+from sqs.runs.image_pipeline import load_image_model, run_image
+from sqs.runs.naming import check_no_legacy
+from sqs.stats import mean_std
+from sqs.training.rundir import SPECTRA, is_complete, locked
 
 CONFIG = "sec41"
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- runs
 
 
+def run_config(dataset: str, gate: str, seed: int, epochs: int, init_seed: int | None = None,
+               data_seed: int | None = None, overrides: Iterable[str] = ()) -> ImageRunConfig:
+    """The Sec. 4.1 run of one (dataset, gate, seed): `sec41` with `overrides`, whose gate parameters
+    reach the SQS runs only (Bilinear takes none). Its `run_dir` is where the run lives."""
+    ov = list(overrides) + grid_gate_overrides(gate)
+    ov += [f"dataset={json.dumps(dataset)}", f"model.gate={json.dumps(gate)}", f"seed={int(seed)}", f"epochs={epochs}"]
+    ov += [f"{k}={int(v)}" for k, v in (("init_seed", init_seed), ("data_seed", data_seed)) if v is not None]
+    return load_config(CONFIG, ov)
+
+
 def train_one(dataset: str, gate: str, seed: int, epochs: int, run_dir: str | Path, data_dir: str | None = None,
-              cache_dir: str | None = None, init_seed: int | None = None, data_seed: int | None = None):
+              cache_dir: str | None = None, init_seed: int | None = None, data_seed: int | None = None,
+              overrides: Iterable[str] = ()):
     """Train one Sec. 4.1 run (1 GLU layer) with the image pipeline. The only training call here.
 
     `run_image` resumes an interrupted run and returns at once for a finished one. The init is
@@ -58,10 +77,8 @@ def train_one(dataset: str, gate: str, seed: int, epochs: int, run_dir: str | Pa
     the Bilinear and SQS runs of one seed start from identical weights and see identical
     batches and noise; a run with another data seed is the same-init baseline.
     """
-    ov = {"dataset": dataset, "model.gate": gate, "seed": seed, "epochs": epochs}
-    ov.update({k: v for k, v in (("init_seed", init_seed), ("data_seed", data_seed)) if v is not None})
-    cfg = pipeline.load_config(CONFIG, overrides=ov)
-    return pipeline.run_image(cfg, run_dir, data_dir=data_dir, cache_dir=cache_dir)
+    cfg = run_config(dataset, gate, seed, epochs, init_seed, data_seed, overrides)
+    return run_image(cfg, run_dir, data_dir=data_dir, cache_dir=cache_dir)
 
 
 def is_finished(run_dir: str | Path) -> bool:
@@ -70,7 +87,7 @@ def is_finished(run_dir: str | Path) -> bool:
 
 def load_run(run_dir: str | Path):
     """(model in eval mode, config dict) of a finished image run."""
-    model, cfg = pipeline.load_image_model(run_dir)
+    model, cfg = load_image_model(run_dir)
     model.eval()
     return model, cfg
 
@@ -182,39 +199,44 @@ def cosine_summary(cos: torch.Tensor, best: torch.Tensor | None = None, cos_min:
     `cos_min`: the paper's floor (Fig. 2), for the first rank whose mean falls below it.
     """
     flat = cos.reshape(-1, cos.shape[-1])
-    mean, std = flat.mean(0), flat.std(0, unbiased=False)
+    mean = flat.mean(0)
+    std = mean_std(flat.double().numpy())["std"]  # sample std over (pair, class), per rank
     below = (mean < cos_min).nonzero()
     extra = {}
     if best is not None:
         bm = best.reshape(-1, best.shape[-1]).mean(0)
         extra = {"best_match_mean": bm.tolist(), "best_match_top5": bm[:5].tolist(),
                  "best_match_min_top10": float(bm[:10].min())}
-    return {"n_pairs": int(cos.shape[0]), "mean": mean.tolist(), "std": std.tolist(), **extra,
-            "top5": mean[:5].tolist(), "top5_std": std[:5].tolist(),
+    return {"n_pairs": int(cos.shape[0]), "mean": mean.tolist(), "std": std, **extra,
+            "top5": mean[:5].tolist(), "top5_std": std[:5],
             "min_top10": float(mean[:10].min()), "min_top20": float(mean[:20].min()), "min_all": float(mean.min()),
             "first_rank_below_0.5": int(below[0]) + 1 if len(below) else None,
             "frac_entries_below_0.5_top10": float((cos[..., :10] < cos_min).double().mean())}
 
 
-def pairings(bil: dict[int, Decomposition], sq: dict[int, Decomposition], measure) -> dict[str, torch.Tensor]:
-    """`measure` stacked over each pairing of seeds ({seed: decomposition} per gate)."""
-    out = {}
-    for key, args in (("sqs_vs_bilinear_same_seed", (sq, bil, True)), ("sqs_vs_bilinear_cross_seed", (sq, bil, False)),
-                      ("bilinear_vs_bilinear", (bil, None)), ("sqs_vs_sqs", (sq, None))):
-        try:
-            out[key] = pair_cosines(*args, measure=measure)
-        except ValueError:  # no pair of this kind (e.g. one seed)
-            continue
-    return out
+#: The |cos|-per-rank tables' pairings of the unsplit seeds, by their `baseline_pairs` name.
+COSINE_PAIRINGS = {"sqs_vs_bilinear_same_seed": "sqs_vs_bilinear_same_init",
+                   "sqs_vs_bilinear_cross_seed": "sqs_vs_bilinear_other_init",
+                   "bilinear_vs_bilinear": "bilinear_other_init", "sqs_vs_sqs": "sqs_other_init"}
+
+
+def seed_pairings(decs: dict[str, dict[int, Decomposition]], measure) -> dict[str, torch.Tensor]:
+    """`measure(a, b)` stacked over each pairing of COSINE_PAIRINGS ({gate: {seed: decomposition}}):
+    (n_pairs, C, r) per pairing that has pairs (one seed: no seed-vs-seed pairs)."""
+    pairs = baseline_pairs({(g, s, s): d for g, by_seed in decs.items() for s, d in by_seed.items()})
+    return {name: torch.stack([measure(a, b) for a, b in pairs[key]])
+            for name, key in COSINE_PAIRINGS.items() if pairs[key]}
 
 
 def run_experiment(runs_dir="runs", out="results/spectra", seeds: int = 5, datasets=("mnist", "fashion-mnist"),
                    epochs: int = 20, report_only: bool = False, data_dir: str | None = None,
                    explain_index: int = 0, splits=((0, 1), (1, 2)), reading: str = "best", k: int = 10,
-                   frontier_json: str | Path | None = "results/frontier/frontier.json") -> dict:
+                   frontier_json: str | Path | None = "results/frontier/frontier.json",
+                   overrides: Iterable[str] = ()) -> dict:
     """Train what is missing (unless report_only), decompose everything, write summary.md/json + figures.
 
-    Runs live at `runs_dir/sec41/<dataset>/<gate>-s<seed>`; `splits` adds, per (init, data) pair,
+    Runs live at `runs_dir/sec41/<dataset>/<gate>-s<seed>` (each run config's `run_dir`; `overrides`
+    apply to every run, gate parameters to the SQS runs only); `splits` adds, per (init, data) pair,
     Bilinear and SQS runs at init seed `init` trained on data seed `data`
     (`<gate>-i<init>-d<data>`): the same-init baselines of the fair agreement table. SQS is read
     with `reading` ("best": the most faithful of first-order and gain, by test logit R²); the
@@ -234,20 +256,22 @@ def run_experiment(runs_dir="runs", out="results/spectra", seeds: int = 5, datas
         todo = [(g, s, None, None) for g in GATES for s in range(seeds)]
         todo += [(g, i, i, d) for i, d in splits for g in GATES]
         for gate, seed, init, dseed in todo:
-            rd = run_dir(runs_dir, CONFIG, ds, gate, seed, init_seed=init, data_seed=dseed)
+            cfg = run_config(ds, gate, seed, epochs, init, dseed, overrides)
+            rd = cfg.run_dir(runs_dir)
             if not is_finished(rd):
                 if report_only:
                     summary["missing"].append(str(rd))
                     continue
-                check_no_legacy(runs_dir, CONFIG, ds, gate, seed)
-                _say(f"[spectra] training {ds} {rd.name} -> {rd}")
-                train_one(ds, gate, seed, epochs, rd, data_dir=data_dir, init_seed=init, data_seed=dseed)
+                check_no_legacy(rd, cfg.legacy_dirs(runs_dir))
+                say(f"[spectra] training {ds} {rd.name} -> {rd}")
+                train_one(ds, gate, seed, epochs, rd, data_dir=data_dir, init_seed=init, data_seed=dseed,
+                          overrides=overrides)
             if init is None:
                 runs[gate][seed] = rd
             else:
                 split_runs[(gate, init, dseed)] = rd
         if not any(runs.values()):
-            _say(f"[spectra] {ds}: no finished runs, skipped")
+            say(f"[spectra] {ds}: no finished runs, skipped")
             continue
         # 2. analyse: every SQS model read first-order and with the gain reading (fitted on train)
         test, train = load_test(ds, data_dir), load_train(ds, data_dir)
@@ -257,21 +281,21 @@ def run_experiment(runs_dir="runs", out="results/spectra", seeds: int = 5, datas
         chosen = best_reading(list(an["sqs"].values())) if reading == "best" else reading
         an = {g: {s: a.with_reading(chosen) for s, a in an[g].items()} for g in GATES}
         decs = {g: {s: a.dec for s, a in an[g].items()} for g in GATES}
-        cos = pairings(decs["bilinear"], decs["sqs"], measure=cosine_per_rank)
-        best = pairings(decs["bilinear"], decs["sqs"], measure=cosine_best_match)
+        cos = seed_pairings(decs, measure=cosine_per_rank)
+        best = seed_pairings(decs, measure=cosine_best_match)
         agreement = {}
         for r in dict.fromkeys([chosen, "first-order"]):
             keyed = {(g, s, s): a.with_reading(r).dec for g in GATES for s, a in an[g].items()}
             keyed.update({key: a.with_reading(r).dec for key, a in an_split.items()})
             agreement[r] = {name: agreement_brief(p, k=k) for name, p in baseline_pairs(keyed).items() if p}
-        figures[ds] = report.spectra_figures(an, cos, ds, out, explain_index, test, reference_lines())
+        figures[ds] = spectra_figures(an, cos, ds, out, explain_index, test, reference_lines())
         summary["datasets"][ds] = {
             "runs": {g: {str(s): str(rd) for s, rd in runs[g].items()} for g in GATES},
             "split_runs": {"-".join(map(str, key)): str(rd) for key, rd in split_runs.items()},
             "reading": chosen,
             "cosine": {k_: cosine_summary(v, best[k_], fig2["cos_min"]) for k_, v in cos.items()},
             "agreement": agreement,
-            "verdict": report.verdict(agreement, chosen, fig2),
+            "verdict": verdict(agreement, chosen, fig2),
             "fidelity": {g: {str(s): a.fidelity for s, a in an[g].items()} for g in GATES},
             "fidelity_by_reading": {r: [a.readings[r]["fidelity"] for a in an["sqs"].values()
                                         if a.readings and r in a.readings]
@@ -283,8 +307,8 @@ def run_experiment(runs_dir="runs", out="results/spectra", seeds: int = 5, datas
         }
     summary["recommended"] = recommended_setting(frontier_json)
     write_json(out / "summary.json", summary)
-    write_text(out / "summary.md", report.summary_markdown(summary, figures))
-    _say(f"[spectra] wrote {out}/summary.md, summary.json and figures")
+    write_text(out / "summary.md", summary_markdown(summary, figures))
+    say(f"[spectra] wrote {out}/summary.md, summary.json and figures")
     return summary
 
 
@@ -301,6 +325,21 @@ def recommended_setting(frontier_json: str | Path | None) -> dict | None:
 
 
 # --------------------------------------------------------------------------- single runs (`sqs spectra ...`)
+
+
+@contextmanager
+def output_dir(run_dir: str | Path, out: str | Path | None) -> Iterator[Path]:
+    """`out`, or the run's own `spectra/` folder (`sqs.training.rundir.SPECTRA`) written under the run
+    lock when no `out` is given: what a command writes into a run directory, it writes as the run's
+    owner does."""
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        yield Path(out)
+        return
+    with locked(run_dir):
+        folder = Path(run_dir) / SPECTRA
+        folder.mkdir(exist_ok=True)
+        yield folder
 
 
 def save_decomposition(dec: Decomposition, path: Path) -> Path:
@@ -322,16 +361,15 @@ def decompose_run(run_dir: str | Path, out: str | Path | None = None, dataset: s
     """Decompose one 1-layer run; write spectra.json, spectrum/eigenvector figures and
     spectra.safetensors to `out` (default RUN_DIR/spectra). Returns (result, lines to print)."""
     a = analyse_run(run_dir, dataset=dataset, data_dir=data_dir, force=force, with_fidelity=with_fidelity)
-    out = Path(out) if out else Path(run_dir) / "spectra"
-    out.mkdir(parents=True, exist_ok=True)
-    plots.save(plots.plot_spectrum(a.dec, dataset=a.dataset), out / "spectrum.png")
-    plots.save(plots.plot_eigenvector_grid(a.dec, n=n, dataset=a.dataset), out / "eigenvectors.png")
-    if a.fidelity:
-        plots.save(plots.plot_truncation({a.title: a.fidelity}), out / "truncation.png")
-    save_decomposition(a.dec, out / "spectra.safetensors")
-    result = {"run_dir": str(a.run_dir), "dataset": a.dataset, "decomposition": a.dec.to_dict(),
-              "fidelity": a.fidelity, "fidelity_error": a.fidelity_error}
-    write_json(out / "spectra.json", result)
+    with output_dir(run_dir, out) as out:
+        plots.save(plots.plot_spectrum(a.dec, dataset=a.dataset), out / "spectrum.png")
+        plots.save(plots.plot_eigenvector_grid(a.dec, n=n, dataset=a.dataset), out / "eigenvectors.png")
+        if a.fidelity:
+            plots.save(plots.plot_truncation({a.title: a.fidelity}), out / "truncation.png")
+        save_decomposition(a.dec, out / "spectra.safetensors")
+        result = {"run_dir": str(a.run_dir), "dataset": a.dataset, "decomposition": a.dec.to_dict(),
+                  "fidelity": a.fidelity, "fidelity_error": a.fidelity_error}
+        write_json(out / "spectra.json", result)
     lines = [f"{a.title}: {a.dec.reading}"]
     if a.fidelity:
         f = a.fidelity
@@ -383,9 +421,9 @@ def explain_run(run_dir: str | Path, index: int, out: str | Path | None = None, 
     z = model_logits(a.model, img[None])[0]
     contrib = contributions(a.dec, img)
     pred = int(z.argmax())
-    out = Path(out) if out else Path(run_dir) / "spectra"
-    path = plots.save(plots.plot_explanation(a.dec, img, z, label=label, dataset=a.dataset, top=top),
-                      out / f"explanation_{index}.png")
+    with output_dir(run_dir, out) as out:
+        path = plots.save(plots.plot_explanation(a.dec, img, z, label=label, dataset=a.dataset, top=top),
+                          out / f"explanation_{index}.png")
     names = plots.class_names(a.dataset, a.dec.n_classes)
     lines = [f"{a.title}; test image {index}: label {names[label]}, predicted {names[pred]}",
              "  logits model:     " + " ".join(f"{float(v):+.3f}" for v in z),

@@ -1,8 +1,11 @@
 """The TinyStories run config: one flat dataclass, read from nested TOML sections.
 
-    cfg = load_config("tinystories-cpu", ["train.lr=3e-4"], gate="swiglu")
+    cfg = load_config("tinystories-cpu", ["train.lr=3e-4", "model.gate_kwargs.lam=0.1"], gate="sqs")
+    cfg.run_dir("runs")        # runs/tinystories-cpu/tinystories/sqs-lam0.1-s0
 
-Where each key sits in a TOML file is `SECTIONS`; overrides use the same dotted names.
+Where each key sits in a TOML file is `SECTIONS`; overrides use the same dotted names. Gate
+parameters are spelled as in image configs, `model.gate_kwargs.<name>` (a run's config.json
+keeps storing the flat `gate_kwargs`).
 """
 
 from __future__ import annotations
@@ -12,15 +15,27 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
-from sqs.experiments import config as _config
-from sqs.experiments.config import config_name
-from sqs.functional import canonical_gate, gate_fn
+from pathlib import Path
+
+from sqs.functional import canonical_gate
 from sqs.io import ConfigError
 from sqs.models.gpt import GPTConfig
+from sqs.runs.config_files import (
+    GATE_KWARGS_KEY,
+    Overrides,
+    check_gate_kwargs,
+    config_name,
+    dumps_toml,
+    load_config_dict,
+    override_items,
+)
+from sqs.runs.config_files import config_names as _config_names
+from sqs.runs.naming import legacy_run_dirs, run_name, run_path
 
-#: Where each LMRunConfig field sits in a TOML config (top-level fields: name, gate, gate_kwargs, seed).
+DATASET = "tinystories"
+#: Where each LMRunConfig field sits in a TOML config (top-level fields: name, gate, seed).
 SECTIONS = {
-    "model": ("n_layers", "d_model", "n_heads", "d_hidden", "context", "tie_embeddings"),
+    "model": ("n_layers", "d_model", "n_heads", "d_hidden", "context", "tie_embeddings", "gate_kwargs"),
     "data": ("vocab_size",),
     "train": ("batch_size", "grad_accum", "epochs", "tokens", "steps", "lr", "weight_decay", "betas",
               "warmup_steps", "warmup_frac", "min_lr", "grad_clip", "amp", "compile", "checkpoint_every"),
@@ -33,8 +48,8 @@ _SECTION_OF = {k: sec for sec, keys in SECTIONS.items() for k in keys}
 class LMRunConfig:
     """Everything that defines a run: one flat dataclass (a run's config.json stores it flat).
     TOML files put each key in its section of `SECTIONS` ([model], [data], [train], [eval];
-    name, gate, gate_kwargs and seed at the top): `from_toml` maps them, and overrides name
-    them the same way (`train.lr=3e-4`, `model.d_hidden=256`, `gate=swiglu`)."""
+    name, gate and seed at the top): `from_toml` maps them, and overrides name them the same
+    way (`train.lr=3e-4`, `model.d_hidden=256`, `model.gate_kwargs.lam=0.1`, `gate=swiglu`)."""
 
     name: str = "custom"
     gate: str = "sqs"
@@ -90,7 +105,7 @@ class LMRunConfig:
             return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
         self.gate = canonical_gate(self.gate)
-        self.gate_kwargs = dict(self.gate_kwargs or {})
+        self.gate_kwargs = check_gate_kwargs(self.gate, self.gate_kwargs)
         self.betas = tuple(float(b) for b in self.betas)
         n_len = sum(x is not None for x in (self.epochs, self.tokens, self.steps))
         if n_len != 1:
@@ -116,7 +131,6 @@ class LMRunConfig:
         if self.amp not in ("none", "bf16"):
             raise ConfigError(f"LMRunConfig: `amp` must be 'none' or 'bf16', got {self.amp!r}")
         GPTConfig(**self.model_kwargs(self.vocab_size))  # validate the model part now
-        gate_fn(self.gate, **self.gate_kwargs)  # and the gate's parameters (p > 0, lam >= 0, ...)
 
     def model_kwargs(self, vocab_size: int) -> dict:
         return dict(vocab_size=int(vocab_size), n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads,
@@ -132,10 +146,37 @@ class LMRunConfig:
         """Sequences per micro-step, all ranks together."""
         return self.batch_size // self.grad_accum
 
+    def run_name(self) -> str:
+        """`<gate>[-<tag>]-s<seed>` (`sqs.runs.naming.run_name`): a non-default gate parameter shows."""
+        return run_name(self.gate, self.seed, gate_kwargs=self.gate_kwargs)
+
+    def label(self) -> str:
+        """`tinystories/<run name>`: the run's label and the tail of its run directory."""
+        return f"{DATASET}/{self.run_name()}"
+
+    def run_dir(self, runs_root: str | os.PathLike) -> Path:
+        """`<runs_root>/<config name>/tinystories/<run name>`: where this run lives (`sqs.runs.naming`)."""
+        return run_path(runs_root, self.name, DATASET, self.run_name())
+
+    def legacy_dirs(self, runs_root: str | os.PathLike) -> list[Path]:
+        """Where earlier versions filed this run (none for a tagged run: they did not make those)."""
+        if self.run_name() != f"{self.gate}-s{self.seed}":
+            return []
+        return legacy_run_dirs(runs_root, self.name, DATASET, self.gate, self.seed)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["betas"] = list(self.betas)
         return d
+
+    def to_toml(self) -> str:
+        """The config as a TOML file `load_config` reads back (sections as in `SECTIONS`; unset lengths left out)."""
+        flat = {k: v for k, v in self.to_dict().items() if v is not None}
+        nested: dict = {k: v for k, v in flat.items() if k not in _SECTION_OF}
+        for k, v in flat.items():
+            if k in _SECTION_OF:
+                nested.setdefault(_SECTION_OF[k], {})[k] = v
+        return dumps_toml(nested)
 
     @classmethod
     def from_toml(cls, d: dict, where: str = "LM config") -> "LMRunConfig":
@@ -167,6 +208,9 @@ def _field_of(key: str, where: str = "LM config") -> str:
     """The LMRunConfig field a dotted TOML key names (`train.lr` -> `lr`), checking its section."""
     parts = key.split(".")
     name, section = parts[-1], ".".join(parts[:-1])
+    if key == "gate_kwargs":  # the old spelling, before image and LM configs shared one
+        raise ConfigError(f"{where}: `gate_kwargs` is spelled {GATE_KWARGS_KEY}.<name> now, as in image configs "
+                          f"(e.g. --set {GATE_KWARGS_KEY}.lam=0.1, or [model.gate_kwargs] in a TOML file)")
     known = {f.name for f in dataclasses.fields(LMRunConfig)}
     if name not in known and key != "description":
         raise ConfigError(f"{where}: unknown key {key!r}; valid keys: "
@@ -184,29 +228,44 @@ def _flatten(d: dict, where: str = "LM config", prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and k != "gate_kwargs":
+        if isinstance(v, dict) and key != GATE_KWARGS_KEY and key != "gate_kwargs":
             out.update(_flatten(v, where, key + "."))
         elif key != "description":
             out[_field_of(key, where)] = v
     return out
 
 
+def _updates(cfg: LMRunConfig, overrides: Overrides) -> dict:
+    """Flat field updates from dotted overrides; `model.gate_kwargs.<name>=v` sets one gate parameter
+    on top of the config's others (`model.gate_kwargs={...}` replaces them all)."""
+    upd: dict = {}
+    prefix = GATE_KWARGS_KEY + "."
+    for key, value in override_items(overrides):
+        if key.startswith(prefix):
+            kw = upd.setdefault("gate_kwargs", dict(cfg.gate_kwargs))
+            kw[key[len(prefix):]] = value
+        else:
+            upd[_field_of(key, "override")] = value
+    return upd
+
+
 def config_names() -> list[str]:
     """The LM configs shipped with the package (`sqs/configs/lm/*.toml`), by name."""
-    return _config.config_names("lm")
+    return _config_names("lm")
 
 
-def load_config(name_or_path: str | os.PathLike = "tinystories-cpu", overrides: _config.Overrides = None,
+def load_config(name_or_path: str | os.PathLike = "tinystories-cpu", overrides: Overrides = None,
                 **changes) -> LMRunConfig:
     """Read a shipped config by name or a TOML file, then apply `overrides` (dotted keys with
-    TOML values, `train.lr=3e-4`, as strings or a dict) and `changes` (flat fields, None
-    ignored). A new training length (epochs / tokens / steps) replaces the config's."""
-    d, where = _config.load_config_dict("lm", name_or_path)
+    TOML values, `train.lr=3e-4`, `model.gate_kwargs.lam=0.1`, as strings or a dict) and
+    `changes` (flat fields, None ignored). A new training length (epochs / tokens / steps)
+    replaces the config's."""
+    d, where = load_config_dict("lm", name_or_path)
     d.setdefault("name", config_name(name_or_path))
     try:
         cfg = LMRunConfig.from_toml(d, where)
     except TypeError as e:
         raise ConfigError(f"{where}: {e}") from e
-    upd = {_field_of(k, "override"): v for k, v in _config.override_items(overrides)}
+    upd = _updates(cfg, overrides)
     upd.update({k: v for k, v in changes.items() if v is not None})
     return cfg.replace(**upd) if upd else cfg

@@ -1,7 +1,9 @@
-"""`sqs experiment table1|spectra|tinystories|lm-spectra`: a paper experiment end to end, results to --out.
+"""`sqs experiment table1|spectra|frontier|tinystories|lm-spectra`: a paper experiment end to end, results to --out.
 
-Runs go to RUNS/<config>/<dataset>/<gate>-s<seed> (--runs-dir RUNS, default runs/), e.g.
-runs/sec42/mnist/sqs-s0, runs/sec41/fashion-mnist/bilinear-s3, runs/tinystories-cpu/tinystories/sqs-s0.
+Runs go to their configs' run directories, RUNS/<config>/<dataset>/<gate>[-<params>]-s<seed>
+(--runs-dir RUNS, default runs/), e.g. runs/sec42/mnist/sqs-s0, runs/sec41/fashion-mnist/bilinear-s3,
+runs/tinystories-cpu/tinystories/sqs-lam0.1-s0. Gate parameters given with --set
+model.gate_kwargs.<name>=... reach the SQS runs; the other gates take none.
 """
 
 from __future__ import annotations
@@ -9,10 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from sqs.cli._args import add_gate, add_set, nonneg_int, positive_float, positive_int
-from sqs.cli.train import add_image_common, add_lm_common, finish_dist, is_rank0, lm_length
-
-RUNS_HELP = "runs folder: runs go to RUNS_DIR/<config>/<dataset>/<gate>-s<seed> (default: %(default)s)"
+from sqs.cli.args import RUNS_HELP, add_gate, add_set, nonneg_int, positive_float, positive_int
+from sqs.cli.train_commands import add_image_common, add_lm_common, lm_length
 
 
 def _report_grid(name: str, summary: dict) -> None:
@@ -30,39 +30,41 @@ def _exit_status(summary: dict | None) -> int:
 
 
 def _table1(args) -> int:
-    from sqs.experiments import table1, table1_report
+    from sqs.experiments.table1 import grid_dir, plan_grid, run_table1
+    from sqs.experiments.table1_report import write_report
+    from sqs.runs.pool import default_workers
 
     summary = None
     if not args.report_only:
-        specs = table1.plan_grid(args.runs_dir, datasets=args.datasets, gates=args.gates, seeds=args.seeds,
-                                 epochs=args.epochs, config=args.config, overrides=args.overrides)
-        workers = args.workers or table1.default_workers()
+        specs = plan_grid(args.runs_dir, datasets=args.datasets, gates=args.gates, seeds=args.seeds,
+                          epochs=args.epochs, config=args.config, overrides=args.overrides)
+        workers = args.workers or default_workers()
         threads = args.threads or 1
-        grid = table1.grid_dir(args.runs_dir, args.config)
+        grid = grid_dir(args.runs_dir, args.config)
         print(f"table1: {len(specs)} runs in {grid} ({workers} worker(s) x {threads} thread(s))", file=sys.stderr)
-        summary = table1.run_grid(specs, workers=workers, threads=threads, cache_dir=args.cache_dir,
-                                  progress=not args.no_progress, run_bars=not args.no_run_bars, log_dir=grid)
+        summary = run_table1(specs, args.runs_dir, workers=workers, threads=threads, cache_dir=args.cache_dir,
+                             progress=not args.no_progress, run_bars=not args.no_run_bars, log_dir=grid)
         _report_grid("table1", summary)
-    paths = table1_report.write_report(args.runs_dir, args.out, config=args.config)
+    paths = write_report(args.runs_dir, args.out, config=args.config)
     for p in paths.values():
         print(p)
     return _exit_status(summary)
 
 
 def _spectra(args) -> int:
-    from sqs.experiments.spectra import run_experiment
+    from sqs.experiments.weight_spectra import run_experiment
 
     run_experiment(runs_dir=args.runs_dir, out=args.out, seeds=args.seeds, datasets=args.datasets,
                    epochs=args.epochs, report_only=args.report_only, data_dir=args.data_dir,
-                   explain_index=args.explain_index)
+                   explain_index=args.explain_index, overrides=args.overrides)
     return 0
 
 
 def _tinystories(args) -> int:
-    from sqs.experiments import lm
-    from sqs.experiments.lm_experiment import run_experiment
+    from sqs.experiments.lm_table import run_experiment
+    from sqs.training.distributed import finish_distributed, init_distributed, is_rank0
 
-    started = False if args.report_only else lm.init_distributed(args.device)
+    started = False if args.report_only else init_distributed(args.device)
     try:
         overrides = list(args.overrides) + [f"train.{k}={v}" for k, v in lm_length(args).items()]
         table = run_experiment(args.config, out=args.out, runs_dir=args.runs_dir, gates=args.gates,
@@ -71,7 +73,7 @@ def _tinystories(args) -> int:
                                samples=not args.no_samples, max_new_tokens=args.max_new_tokens,
                                throughput_reps=args.throughput_reps)
     finally:
-        finish_dist(started)
+        finish_distributed(started)
     if is_rank0() and table:
         print(f"wrote {args.out}/table.md, table.json, curves.png" + ("" if args.no_samples else ", samples.md"))
         print(Path(args.out, "table.md").read_text())
@@ -82,28 +84,28 @@ def _tinystories(args) -> int:
 
 
 def _frontier(args) -> int:
-    from sqs.experiments import frontier
+    from sqs.experiments.frontier import load_grid, plan_frontier, run_frontier
+    from sqs.runs.pool import default_workers
 
-    grid = frontier.load_grid(args.grid, args.grid_set)
+    grid = load_grid(args.grid, args.grid_set)
     if args.datasets:
         grid.datasets = list(args.datasets)
     summary = None
     if not args.report_only:
-        specs = frontier.plan_frontier(args.runs_dir, grid, epochs=args.epochs, overrides=args.overrides)
-        workers = args.workers or frontier.default_workers()
+        specs = plan_frontier(args.runs_dir, grid, epochs=args.epochs, overrides=args.overrides)
+        workers = args.workers or default_workers()
         print(f"frontier: {len(specs)} runs under {args.runs_dir} ({workers} worker(s) x {args.threads or 1} "
               f"thread(s)){'; log: ' + args.log if args.log else ''}", file=sys.stderr)
-        summary = frontier.run_frontier(specs, workers=workers, threads=args.threads or 1, cache_dir=args.cache_dir,
-                                        log=args.log, progress=not args.no_progress,
-                                        run_bars=not (args.no_run_bars or args.no_progress))
+        summary = run_frontier(specs, workers=workers, threads=args.threads or 1, cache_dir=args.cache_dir,
+                               log=args.log, progress=not args.no_progress,
+                               run_bars=not (args.no_run_bars or args.no_progress), runs_root=args.runs_dir)
         _report_grid("frontier", summary)
     if not args.train_only:
-        from sqs.experiments import frontier_report
+        from sqs.experiments.frontier_report import write_report
 
-        paths = frontier_report.write_report(args.runs_dir, args.out, grid, epochs=args.epochs,
-                                             overrides=args.overrides, cache_dir=args.cache_dir,
-                                             progress=not args.no_progress,
-                                             workers=args.workers or frontier.default_workers())
+        paths = write_report(args.runs_dir, args.out, grid, epochs=args.epochs, overrides=args.overrides,
+                             cache_dir=args.cache_dir, progress=not args.no_progress,
+                             workers=args.workers or default_workers())
         for p in paths:
             print(p)
     return _exit_status(summary)
@@ -122,14 +124,15 @@ def _lm_spectra(args) -> int:
 
 
 def register(sub, groups) -> None:
-    from sqs.experiments.image import DATASETS
-    from sqs.functional import GATES
+    from sqs.core import GATES
+    from sqs.runs.image_config import DATASETS
 
     p = groups["experiment"].add_parser(
         "table1", help="paper Table 1 / Fig. 3: 5 gates x 5 seeds x {MNIST, Fashion-MNIST}",
         description="Train the Sec. 4.2 grid (finished runs are skipped, interrupted ones resumed), then write "
-                    "table1.md (mean ± std over seeds at 25/50/75/100% beside the paper's values, first gate to "
-                    "80/85/90% accuracy, timings), table1.json and curves_<dataset>.png to --out.")
+                    "table1.md (mean ± sample std over seeds at 25/50/75/100% beside the paper's values, first gate to "
+                    "80/85/90% accuracy, timings), table1.json and curves_<dataset>.png to --out. Gate parameters "
+                    "(--set model.gate_kwargs.lam=0.1) go to the SQS runs, filed as sqs-lam0.1-s<seed>.")
     add_image_common(p)
     p.add_argument("--out", default="results/image", help="report folder (default: %(default)s)")
     p.add_argument("--runs-dir", default="runs", help=RUNS_HELP)
@@ -153,6 +156,7 @@ def register(sub, groups) -> None:
     p.add_argument("--seeds", type=positive_int, default=5)
     p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     p.add_argument("--epochs", type=positive_int, default=20)
+    add_set(p, "--set model.gate_kwargs.lam=0.1 (the SQS runs; Bilinear takes no parameters)")
     p.add_argument("--report-only", action="store_true", help="train nothing; analyse the finished runs")
     p.add_argument("--data-dir", help="folder of IDX files (default: the cache); only with one dataset")
     p.add_argument("--explain-index", type=nonneg_int, default=0)

@@ -1,7 +1,7 @@
-"""TinyStories language models (paper Sec. 4.2.2): run config, trainer task, runs, loading, generation.
+"""TinyStories language models (paper Sec. 4.2.2): trainer task, runs, loading, generation.
 
-The run config is `sqs.experiments.lm_config` (re-exported here), the experiment over all
-gates `sqs.experiments.lm_experiment`, its report `sqs.experiments.lm_report`.
+The run config is `sqs.runs.lm_config.LMRunConfig` (`cfg.run_dir(root)` names the run's
+directory); the experiment over all gates is `sqs.experiments.lm_table`.
 
 One run = one gate and one seed, trained by `sqs.training.trainer.train` into a run
 directory (config.json, metrics.jsonl, checkpoint/model safetensors, plus the
@@ -40,15 +40,24 @@ import torch
 import torch.distributed as dist
 
 from sqs.data.tinystories import bits_per_byte
-from sqs.experiments.config import run_name  # noqa: F401 - `<gate>-s<seed>`
-from sqs.experiments.lm_config import SECTIONS, LMRunConfig, config_names, load_config  # noqa: F401
-from sqs.models.gpt import GPT, GPTConfig
 from sqs.io import ConfigError
+from sqs.models.gpt import GPT, GPTConfig
+from sqs.runs.lm_config import DATASET, LMRunConfig
 from sqs.training.checkpoint import load_checkpoint
-from sqs.training.rundir import NotARunDir, RunDirError
-from sqs.training.trainer import TrainConfig, prepare_run_dir, step_generator, train
+from sqs.training.distributed import rank_world, resolve_device
+from sqs.training.rundir import (
+    CHECKPOINT,
+    CONFIG,
+    MODEL,
+    TOKENIZER,
+    NotARunDir,
+    RunDirError,
+    locked,
+    prepare_run_dir,
+    write_run_file,
+)
+from sqs.training.trainer import TrainConfig, step_generator, train
 
-DATASET = "tinystories"
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 # ----------------------------------------------------------------------------------------------
 # The trainer task
@@ -125,39 +134,10 @@ class LMTask:
 # Runs
 # ----------------------------------------------------------------------------------------------
 
-def dist_rank_world() -> tuple[int, int]:
-    """(rank, world size) of this process; (0, 1) outside a process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def resolve_device(device: str | None = "auto") -> torch.device:
-    """"auto": this rank's GPU when CUDA is available (LOCAL_RANK under torchrun), else the CPU."""
-    if device in (None, "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return dev
-
-
-def init_distributed(device: str | None = "auto") -> bool:
-    """Under torchrun (WORLD_SIZE > 1), join the process group from the environment:
-    NCCL when this run uses CUDA, gloo on CPU. Returns True if this call initialised it."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
-        return False
-    dev = resolve_device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return True
-
-
 def _data(cfg: LMRunConfig, cache_dir, progress: bool):
     from sqs.data import tinystories
 
-    rank, world = dist_rank_world()
+    rank, world = rank_world()
     local_rank = int(os.environ.get("LOCAL_RANK", rank)) if world > 1 else 0
     if local_rank == 0:  # once per node (writes are atomic), before the other ranks read the files
         tinystories.prepare(cache_dir=cache_dir, vocab_size=cfg.vocab_size, progress=progress)
@@ -205,7 +185,7 @@ def run_lm(cfg: LMRunConfig, run_dir: str | os.PathLike, cache_dir: str | os.Pat
     Everything is validated (config, schedule, model, the data against the context) before
     anything is written to `run_dir`, so a refused start leaves nothing behind.
     """
-    rank, world = dist_rank_world()
+    rank, world = rank_world()
     run_dir = Path(run_dir)
     dev = resolve_device(device)
     train_tok, val_tok, tstats, vstats, tok = _data(cfg, cache_dir, progress and rank == 0)
@@ -229,20 +209,21 @@ def run_lm(cfg: LMRunConfig, run_dir: str | os.PathLike, cache_dir: str | os.Pat
     task.per_rank(world)  # fail early if the batch does not split over the ranks
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg).to(dev)
-    if rank == 0:
-        prepare_run_dir(run_dir, config)  # refuses a directory made with another config
-        if not (run_dir / "tokenizer.json").exists():
-            from sqs.io import atomic_write
-
-            atomic_write(run_dir / "tokenizer.json", lambda q: tok.save(str(q)))
     if cfg.compile:
         import torch._dynamo as dynamo
 
         dynamo.reset()  # a fresh model per run: do not pile up guards from earlier runs
         # In place, so parameter names, checkpoints and the trainer's DDP wrapper are unchanged.
         model.compile()
-    return train(model, task, tcfg, run_dir, config=config, progress=progress,
-                 desc=f"lm {cfg.gate} s{cfg.seed}", stop_after=stop_after)
+    if rank != 0:
+        return train(model, task, tcfg, run_dir, config=config, progress=progress,
+                     desc=f"lm {cfg.gate} s{cfg.seed}", stop_after=stop_after)
+    with locked(run_dir):  # one hold over the start, the tokenizer and training (the trainer's lock is re-entrant)
+        prepare_run_dir(run_dir, config)  # refuses a directory made with another config
+        if not (run_dir / TOKENIZER).exists():
+            write_run_file(run_dir, TOKENIZER, lambda q: tok.save(str(q)))
+        return train(model, task, tcfg, run_dir, config=config, progress=progress,
+                     desc=f"lm {cfg.gate} s{cfg.seed}", stop_after=stop_after)
 
 
 @dataclass
@@ -264,7 +245,7 @@ def load_lm(run_dir: str | os.PathLike, device: str | None = "cpu", allow_checkp
             cache_dir: str | os.PathLike | None = None) -> LoadedLM:
     """The trained model (final weights, else the last checkpoint if allowed), its config and tokenizer."""
     run_dir = Path(run_dir)
-    cpath = run_dir / "config.json"
+    cpath = run_dir / CONFIG
     if not cpath.exists():
         what = "does not exist" if not run_dir.exists() else "is not an LM run directory (no config.json)"
         raise NotARunDir(f"{run_dir} {what}; give a run directory made by `sqs train lm --run-dir DIR`")
@@ -278,16 +259,16 @@ def load_lm(run_dir: str | os.PathLike, device: str | None = "cpu", allow_checkp
                           "give the run directory of a `sqs train lm` run")
     cfg = LMRunConfig.from_dict(config["lm"])
     model = GPT(GPTConfig(**config["model"]))
-    weights = run_dir / "model.safetensors"
+    weights = run_dir / MODEL
     if not weights.exists():
-        weights = run_dir / "checkpoint.safetensors"
+        weights = run_dir / CHECKPOINT
         if not (allow_checkpoint and weights.exists()):
             raise NotARunDir(f"{run_dir} has no trained weights yet (no model.safetensors"
                              f"{' or checkpoint.safetensors' if allow_checkpoint else ''}); train it first "
                              f"(`sqs train lm --run-dir {run_dir} ...`)")
     meta = load_checkpoint(weights, model)
     model.to(resolve_device(device)).eval()
-    tok_path = run_dir / "tokenizer.json"
+    tok_path = run_dir / TOKENIZER
     if tok_path.exists():
         from tokenizers import Tokenizer
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqs.cli._args import nonneg_int, positive_int
+from sqs.cli.args import add_set, nonneg_int, positive_int
 
 
 def _demo(args) -> int:
@@ -10,7 +10,7 @@ def _demo(args) -> int:
 
     run_demo(out=args.out, runs_dir=args.runs_dir, dataset=args.dataset, epochs=args.epochs, seed=args.seed,
              data_dir=args.data_dir, cache_dir=args.cache_dir, baselines=args.baselines,
-             frontier_json=args.frontier)
+             frontier_json=args.frontier, overrides=args.overrides)
     return 0
 
 
@@ -21,10 +21,11 @@ def register(sub, groups) -> None:
                                    "and write a self-contained report (report.html, report.md with PNGs).")
     p.add_argument("--out", default="report", help="report folder (default: report/)")
     p.add_argument("--runs-dir", default="runs/demo",
-                   help="runs folder: the two runs go to RUNS_DIR/sec41/<dataset>/<gate>-s<seed> (resumable)")
+                   help="runs folder: the two runs go to RUNS_DIR/sec41/<dataset>/<gate>[-<params>]-s<seed> (resumable)")
     p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"])
     p.add_argument("--epochs", type=positive_int, default=20, help="epochs per model (paper: 20)")
     p.add_argument("--seed", type=nonneg_int, default=0)
+    add_set(p, "--set model.gate_kwargs.lam=0.1 (the SQS run; Bilinear takes no parameters)")
     p.add_argument("--data-dir", help="a folder of IDX files instead of fetching")
     p.add_argument("--baselines", action="store_true",
                    help="also train both gates from the same init on another data seed (agreement baselines)")

@@ -1,0 +1,56 @@
+"""Which process am I: the one rank helper (trainer, pipelines, CLI), and joining a torchrun group.
+
+Under `torchrun` every process runs the same command; rank 0 alone writes files and prints.
+`rank_world` reads the process group once it exists; before that (and after it is torn
+down, when the CLI prints an error) `is_rank0` falls back on torchrun's RANK variable.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process in its process group; (0, 1) outside one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_rank0() -> bool:
+    """True for the process that writes and prints: rank 0 of the group, or of torchrun's RANK
+    when no group is (or is no longer) initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
+
+
+def resolve_device(device: str | None = "auto") -> torch.device:
+    """"auto": this rank's GPU when CUDA is available (LOCAL_RANK under torchrun), else the CPU."""
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return dev
+
+
+def init_distributed(device: str | None = "auto") -> bool:
+    """Under torchrun (WORLD_SIZE > 1), join the process group from the environment:
+    NCCL when this run uses CUDA, gloo on CPU. Returns True if this call initialised it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        return False
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return True
+
+
+def finish_distributed(initialised: bool) -> None:
+    """Leave the process group if `init_distributed` joined it (its return value)."""
+    if initialised and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
