@@ -306,6 +306,7 @@ def run_experiment(runs_dir="runs", out="results/spectra", seeds: int = 5, datas
             "readings": {g: next(iter(an[g].values())).dec.reading for g in GATES if an[g]},
         }
     summary["recommended"] = recommended_setting(frontier_json)
+    summary["figures"] = {ds: [list(f) for f in figs] for ds, figs in figures.items()}
     write_json(out / "summary.json", summary)
     write_text(out / "summary.md", summary_markdown(summary, figures))
     say(f"[spectra] wrote {out}/summary.md, summary.json and figures")

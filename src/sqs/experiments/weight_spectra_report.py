@@ -1,8 +1,10 @@
 """The Sec. 4.1 experiment's report: its figures, summary.md and the fidelity tables,
-with the paper's Fig. 2 claim (`sqs/configs/reference/paper.toml`) beside our numbers."""
+with the paper's Fig. 2 claim (`sqs/configs/reference/paper.toml`) beside our numbers.
+summary.md is rendered from summary.json alone (`rerender` re-makes it from the file)."""
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
@@ -10,6 +12,7 @@ from sqs.experiments.agreement_baselines import baseline_table
 from sqs.experiments.style import DATASET_SHORT, STD_NOTE, fmt, pm
 from sqs.interp import plots
 from sqs.interp.spectra import READING_LABELS, model_logits
+from sqs.io import write_text
 from sqs.runs.config_files import paper_reference
 from sqs.stats import mean_std
 
@@ -87,6 +90,12 @@ def spectra_figures(an: dict, cos: dict, ds: str, out: Path, explain_index: int,
                                              "dotted: model)\n" + rlabel), ds_out / "truncation.png")
         figs.append((str(p.relative_to(out)), "truncated surrogate accuracy"))
     return figs
+
+
+def rerender(out: str | Path) -> Path:
+    """Re-make summary.md from the summary.json in `out` (e.g. after a change to the tables)."""
+    summary = json.loads((Path(out) / "summary.json").read_text())
+    return write_text(Path(out) / "summary.md", summary_markdown(summary, summary.get("figures")))
 
 
 def summary_markdown(summary: dict, figures: dict | None = None) -> str:

@@ -84,7 +84,7 @@ def config_name(name_or_path: str | Path) -> str:
 def config_text(kind: str, name_or_path: str | Path) -> tuple[str, str]:
     """(TOML text, where it came from) of a shipped config name or a `.toml` path."""
     path = Path(name_or_path).expanduser()
-    if path.suffix == ".toml" or path.exists():
+    if path.suffix == ".toml" or path.is_file():  # a folder named like a shipped config is not a config
         if path.is_file():
             return path.read_text(encoding="utf-8"), str(path)
         shipped = _folder(kind) / path.name
