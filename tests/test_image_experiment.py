@@ -11,8 +11,8 @@ import torch
 
 from sqs.experiments.table1 import grid_dir, plan_grid, run_table1
 from sqs.experiments.table1_report import first_crossing, write_report
-from sqs.runs.config_files import loads_toml, parse_override
-from sqs.runs.image_config import ImageRunConfig, config_names, load_config
+from sqs.runs.config_files import config_names, loads_toml, parse_override
+from sqs.runs.image_config import ImageRunConfig, load_config
 from sqs.runs.image_pipeline import ImageTask, load_data, load_image_model, run_image, run_record
 from sqs.training.checkpoint import CheckpointError
 from sqs.training.rundir import is_complete, read_metrics
@@ -124,7 +124,7 @@ def test_task_batches_are_epochs_without_replacement_and_split_consistently():
 
 
 def test_shipped_configs_match_the_paper_and_round_trip():
-    assert {"sec41", "sec42"} <= set(config_names())
+    assert {"sec41", "sec42"} <= set(config_names("image"))
     s41, s42 = load_config("sec41"), load_config("sec42")
     assert (s41.model.n_layers, s41.batch_size, s41.model.d_model) == (1, 2048, 128)
     assert (s42.model.n_layers, s42.batch_size, s42.model.d_model) == (2, 512, 128)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from sqs.experiments.style import gate_label
-from sqs.functional import canonical_gate
+from sqs.core import canonical_gate
 from sqs.io import append_jsonl
 from sqs.runs.config_files import Overrides, load_config_dict, override_items
 from sqs.runs.image_config import DATASETS, ImageRunConfig, load_config

@@ -26,8 +26,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from sqs.core import load_toml
-from sqs.functional import canonical_gate, gate_fn
+from sqs.core import canonical_gate, load_toml
+from sqs.functional import gate_fn
 from sqs.io import ConfigError
 
 KINDS = ("image", "lm")

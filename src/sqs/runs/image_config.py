@@ -17,11 +17,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from sqs.functional import canonical_gate
+from sqs.core import canonical_gate
 from sqs.io import ConfigError
 from sqs.models.image import ImageModelConfig
 from sqs.runs.config_files import Overrides, check_gate_kwargs, config_name, dumps_toml, load_config_dict
-from sqs.runs.config_files import config_names as _config_names
 from sqs.runs.naming import legacy_run_dirs, run_name, run_path
 from sqs.training.trainer import TrainConfig
 
@@ -204,11 +203,6 @@ def model_config_from_dict(d: Mapping[str, Any]) -> ImageModelConfig:
     if bad:
         raise ConfigError(f"image config: unknown key(s) {bad} in `model`; valid: {', '.join(sorted(valid))}")
     return ImageModelConfig(**d)
-
-
-def config_names() -> list[str]:
-    """The image configs shipped with the package (`sqs/configs/image/*.toml`), by name."""
-    return _config_names("image")
 
 
 def load_config(name_or_path: str | Path = "sec42", overrides: Overrides = None) -> ImageRunConfig:

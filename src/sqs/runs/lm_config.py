@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 from pathlib import Path
 
-from sqs.functional import canonical_gate
+from sqs.core import canonical_gate
 from sqs.io import ConfigError
 from sqs.models.gpt import GPTConfig
 from sqs.runs.config_files import (
@@ -29,7 +29,6 @@ from sqs.runs.config_files import (
     load_config_dict,
     override_items,
 )
-from sqs.runs.config_files import config_names as _config_names
 from sqs.runs.naming import legacy_run_dirs, run_name, run_path
 
 DATASET = "tinystories"
@@ -247,11 +246,6 @@ def _updates(cfg: LMRunConfig, overrides: Overrides) -> dict:
         else:
             upd[_field_of(key, "override")] = value
     return upd
-
-
-def config_names() -> list[str]:
-    """The LM configs shipped with the package (`sqs/configs/lm/*.toml`), by name."""
-    return _config_names("lm")
 
 
 def load_config(name_or_path: str | os.PathLike = "tinystories-cpu", overrides: Overrides = None,
