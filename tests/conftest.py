@@ -37,6 +37,27 @@ def glu_pair() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
 
 #: Vocabulary of the tiny BPE tokenizer the LM tests train on the shipped TinyStories sample.
 TINY_VOCAB = 300
+#: A language-model config of a few seconds on that tokenizer (written to a .toml by the tests).
+TINY_LM_TOML = """
+name = "tiny"
+[model]
+n_layers = 1
+d_model = 16
+n_heads = 2
+d_hidden = 16
+context = 16
+[data]
+vocab_size = 300
+[train]
+batch_size = 4
+steps = 4
+lr = 3e-3
+grad_clip = 1.0
+[eval]
+eval_every = 2
+eval_windows = 8
+eval_batch = 8
+"""
 
 
 @pytest.fixture(scope="session")
@@ -71,3 +92,31 @@ def write_image_dataset(folder: Path, seed: int = 0) -> Path:
         write_idx(folder / f"{split}-images-idx3-ubyte", imgs)
         write_idx(folder / f"{split}-labels-idx1-ubyte", labels)
     return folder
+
+
+@pytest.fixture
+def no_figures(monkeypatch):
+    """The reports' figures (`sqs.interp.plots`) as signature-checked stubs and an instant `save`:
+    for tests of what a command does around its report (matplotlib is slow on 2 shared cores)."""
+    import inspect
+
+    import matplotlib.pyplot as plt
+
+    from sqs.interp import plots
+
+    def stub(fn):
+        def build(*args, **kwargs):
+            inspect.signature(fn).bind(*args, **kwargs)  # the call would be valid
+            return plt.figure()
+        return build
+
+    def fast_save(fig, path, dpi=None):
+        plt.close(fig)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_bytes(b"png")
+        return Path(path)
+
+    for name in ("plot_spectrum", "plot_eigenvector_grid", "plot_comparison_grid", "plot_cosine_per_rank",
+                 "plot_explanation", "plot_truncation"):
+        monkeypatch.setattr(plots, name, stub(getattr(plots, name)))
+    monkeypatch.setattr(plots, "save", fast_save)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -25,27 +24,7 @@ from sqs.training.checkpoint import CheckpointCorrupt, CheckpointError, content_
 from sqs.training.rundir import RunConfigMismatch, is_complete, prepare_run_dir, read_history
 from sqs.training.trainer import TrainConfig, _resume_from, make_optimizer
 
-from conftest import TINY_VOCAB as VOCAB  # noqa: E402
-TINY_TOML = """
-name = "tiny"
-[model]
-n_layers = 1
-d_model = 16
-n_heads = 2
-d_hidden = 16
-context = 16
-[data]
-vocab_size = 300
-[train]
-batch_size = 4
-steps = 4
-lr = 3e-3
-grad_clip = 1.0
-[eval]
-eval_every = 2
-eval_windows = 8
-eval_batch = 8
-"""
+from conftest import TINY_LM_TOML as TINY_TOML  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("eager_backend")  # same math as compiled, no Inductor start-up

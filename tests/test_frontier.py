@@ -29,7 +29,7 @@ TINY = ["batch_size=32", "model.d_model=8", "model.d_hidden=8", "early_eval_ever
 # ----------------------------------------------------------------------------- seed split
 
 
-def _task(cfg: ImageRunConfig) -> im.ImageTask:
+def _task(cfg: ImageRunConfig) -> ImageTask:
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(N_TRAIN, 784, generator=g), torch.randint(0, 10, (N_TRAIN,), generator=g)
     return ImageTask(x, y, x[:8], y[:8], 32, seed=cfg.batch_seed, noise_std=0.3)

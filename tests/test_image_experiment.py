@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,7 +16,6 @@ from sqs.runs.image_pipeline import ImageTask, load_data, load_image_model, run_
 from sqs.training.checkpoint import CheckpointError
 from sqs.training.rundir import is_complete, read_metrics
 
-from conftest import IMG_TEST as N_TEST  # noqa: E402
 from conftest import IMG_TRAIN as N_TRAIN  # noqa: E402
 from conftest import write_image_dataset as _write_dataset  # noqa: E402
 TINY = ["batch_size=32", "model.d_model=16", "model.d_hidden=16", "early_eval_every=0", "eval_points=6",

@@ -14,11 +14,9 @@ import torch
 
 import sqs
 from sqs.cli import main
-from sqs.data import tinystories as ts
 from sqs.experiments import lm_spectra
 from sqs.interp.lm_quadratic import token_agreement, token_profiles
 
-from conftest import TINY_VOCAB as VOCAB  # noqa: E402
 TINY_TOML = """
 name = "tiny-lmspec"
 [model]

@@ -14,32 +14,11 @@ from pathlib import Path
 import pytest
 
 from sqs.cli import main
-from sqs.runs.image_config import load_config as load_image_config
-from sqs.runs.lm_config import load_config as load_lm_config
-from sqs.training.rundir import RUN_FILES, is_complete, unregistered_files
 
-from conftest import write_image_dataset
+from conftest import TINY_LM_TOML, write_image_dataset
 
 TINY_IMAGE = ["batch_size=32", "model.d_model=8", "model.d_hidden=8", "early_eval_every=0", "eval_points=2",
               "noise_std=0.3", "noise_relative=false", "eval_batch_size=64"]
-TINY_LM = """
-name = "tiny"
-[model]
-n_layers = 1
-d_model = 16
-n_heads = 2
-d_hidden = 16
-context = 16
-[data]
-vocab_size = 300
-[train]
-batch_size = 4
-steps = 2
-[eval]
-eval_every = 2
-eval_windows = 4
-eval_batch = 4
-"""
 TINY_GRID = """
 [grid]
 datasets = ["mnist"]
@@ -72,91 +51,89 @@ def image_cache(tmp_path_factory) -> Path:
 @pytest.fixture
 def lm_config(tmp_path) -> Path:
     path = tmp_path / "tiny.toml"
-    path.write_text(TINY_LM)
+    path.write_text(TINY_LM_TOML)
     return path
 
 
-def _finished(runs: Path, *names: str) -> None:
-    for name in names:
-        assert is_complete(runs / name), f"{name} is not a finished run under {runs}: " + ", ".join(
-            str(p.relative_to(runs)) for p in sorted(runs.glob("*/*/*")))
+def _runs(root: Path) -> set[str]:
+    """Every run directory under `root`, relative to it."""
+    return {p.parent.relative_to(root).as_posix() for p in root.glob("**/config.json")}
 
 
-@pytest.fixture
-def no_figures(monkeypatch):
-    """The reports' figures as signature-checked stubs (what is tested here is where runs go)."""
-    import inspect
+def _made(root: Path, before: set[str], *names: str) -> set[str]:
+    """The command just run left exactly the finished runs `names` besides the `before` ones (runs of
+    identical configs are shared between commands: a command that named them otherwise would add a
+    directory here)."""
+    now = _runs(root)
+    assert now == before | set(names), f"expected {sorted(before | set(names))}, found {sorted(now)}"
+    assert all((root / n / "model.safetensors").is_file() for n in names), "a run did not finish"
+    return now
 
-    import matplotlib.pyplot as plt
 
-    from sqs.interp import plots
+def _only_registered_files(runs: Path) -> None:
+    """Every file the commands left in a run directory is one `sqs.training.rundir` registers."""
+    from sqs.training.rundir import RUN_FILES, unregistered_files
 
-    def stub(fn):
-        def build(*args, **kwargs):
-            inspect.signature(fn).bind(*args, **kwargs)  # the call would be valid
-            return plt.figure()
-        return build
+    for run in runs.glob("**/config.json"):
+        assert not unregistered_files(run.parent), (run.parent, unregistered_files(run.parent), sorted(RUN_FILES))
 
-    def fast_save(fig, path, dpi=None):
-        plt.close(fig)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_bytes(b"png")
-        return Path(path)
 
-    for name in ("plot_spectrum", "plot_eigenvector_grid", "plot_comparison_grid", "plot_cosine_per_rank",
-                 "plot_explanation", "plot_truncation"):
-        monkeypatch.setattr(plots, name, stub(getattr(plots, name)))
-    monkeypatch.setattr(plots, "save", fast_save)
+def _brief(pairs: list, k: int = 10) -> dict:
+    """A stand-in for `agreement_brief` of the right shape (the agreement itself is tested elsewhere and
+    takes most of an experiment's time)."""
+    side = {"per_rank": [0.5] * k, "best_match": [0.5] * k, "overlap": 0.5}
+    return {"n_pairs": len(pairs), "k": k, "form_cosine": 0.5, "form_cosine_centered": 0.5,
+            "positive": side, "negative": side, "abs": side}
 
 
 def test_every_image_command_files_a_non_default_lambda_under_its_tag(tmp_path, image_cache, monkeypatch, no_figures):
+    from sqs.experiments import demo, weight_spectra
+
+    for module in (demo, weight_spectra):
+        monkeypatch.setattr(module, "agreement_brief", _brief)
     monkeypatch.chdir(tmp_path)  # a command that filed runs elsewhere would leave them under ./runs
-    runs, data = tmp_path / "r", image_cache / "images" / "mnist"
+    r, data = tmp_path / "r", image_cache / "images" / "mnist"
     tiny = _sets(TINY_IMAGE)
     assert main(["train", "image", "--config", "sec42", "--gate", "sqs", "--epochs", "1", "--data-dir", str(data),
-                 "--runs-dir", str(runs), "--no-progress", *tiny, *LAM]) == 0
-    _finished(runs, "sec42/mnist/sqs-lam0.1-s0")
+                 "--runs-dir", str(r), "--no-progress", *tiny, *LAM]) == 0
+    runs = _made(r, set(), "sec42/mnist/sqs-lam0.1-s0")
     assert main(["experiment", "table1", "--gates", "relu", "sqs", "--seeds", "1", "--datasets", "mnist",
-                 "--epochs", "1", "--workers", "1", "--runs-dir", str(runs / "t1"), "--cache-dir", str(image_cache),
+                 "--epochs", "1", "--workers", "1", "--runs-dir", str(r), "--cache-dir", str(image_cache),
                  "--out", str(tmp_path / "t1-out"), "--no-progress", *tiny, *LAM]) == 0
-    _finished(runs / "t1", "sec42/mnist/sqs-lam0.1-s0", "sec42/mnist/relu-s0")  # relu takes no parameters
+    runs = _made(r, runs, "sec42/mnist/relu-s0")  # relu takes no parameters; the SQS run is train image's
     assert "SQS (lam0.1)" in (tmp_path / "t1-out" / "table1.md").read_text()
+    one_layer = [*tiny, "--set", "batch_size=64"]
+    assert main(["experiment", "spectra", "--seeds", "1", "--epochs", "1", "--datasets", "mnist", "--data-dir",
+                 str(data), "--runs-dir", str(r), "--out", str(tmp_path / "sp-out"), *one_layer, *LAM]) == 0
+    runs = _made(r, runs, *(f"sec41/mnist/{g}-{s}" for g in ("bilinear", "sqs-lam0.1") for s in ("s0", "i0-d1", "i1-d2")))
+    assert main(["demo", "--epochs", "1", "--data-dir", str(data), "--runs-dir", str(r),
+                 "--out", str(tmp_path / "demo-out"), *one_layer, *LAM]) == 0
+    runs = _made(r, runs)  # the spectra experiment's bilinear-s0 and sqs-lam0.1-s0
+    assert "λ = 0.1" in (tmp_path / "demo-out" / "report.md").read_text()
     grid = tmp_path / "grid.toml"
     grid.write_text(TINY_GRID)
     assert main(["experiment", "frontier", "--grid", str(grid), "--epochs", "1", "--workers", "1", "--train-only",
-                 "--runs-dir", str(runs / "fr"), "--cache-dir", str(image_cache), "--no-progress", *tiny]) == 0
-    _finished(runs / "fr", "sec41/mnist/sqs-lam0.1-s0", "sec41/mnist/sqs-s0")
-    spectra = ["--epochs", "1", "--datasets", "mnist", "--data-dir", str(data), *tiny, "--set", "batch_size=64", *LAM]
-    assert main(["experiment", "spectra", "--seeds", "1", "--runs-dir", str(runs / "sp"),
-                 "--out", str(tmp_path / "sp-out"), *spectra]) == 0
-    _finished(runs / "sp", "sec41/mnist/sqs-lam0.1-s0", "sec41/mnist/bilinear-s0", "sec41/mnist/sqs-lam0.1-i0-d1")
-    assert main(["demo", "--epochs", "1", "--data-dir", str(data), "--runs-dir", str(runs / "demo"),
-                 "--out", str(tmp_path / "demo-out"), *tiny, "--set", "batch_size=64", *LAM]) == 0
-    _finished(runs / "demo", "sec41/mnist/sqs-lam0.1-s0", "sec41/mnist/bilinear-s0")
-    assert "λ = 0.1" in (tmp_path / "demo-out" / "report.md").read_text()
+                 "--runs-dir", str(r), "--cache-dir", str(image_cache), "--no-progress", *one_layer]) == 0
+    _made(r, runs, "sec41/mnist/sqs-s0")  # the grid's default setting; its λ = 0.1 run is the spectra one
     assert not Path("runs").exists()
-    for run in runs.glob("**/config.json"):  # every file the commands left is one the run directory registers
-        assert not unregistered_files(run.parent), (run.parent, unregistered_files(run.parent), sorted(RUN_FILES))
+    _only_registered_files(r)
 
 
 def test_every_lm_command_files_a_non_default_lambda_under_its_tag(tmp_path, lm_config, tinystories_cache,
                                                                    monkeypatch):
     monkeypatch.chdir(tmp_path)
-    runs, cache = tmp_path / "r", str(tinystories_cache)
-    common = ["--config", str(lm_config), "--cache-dir", cache, "--device", "cpu", "--no-progress"]
-    assert main(["train", "lm", "--gate", "sqs", "--runs-dir", str(runs), *common, *LAM]) == 0
-    _finished(runs, "tiny/tinystories/sqs-lam0.1-s0")
+    r, cache = tmp_path / "r", str(tinystories_cache)
+    common = ["--config", str(lm_config), "--cache-dir", cache, "--device", "cpu", "--no-progress", "--runs-dir", str(r)]
+    assert main(["train", "lm", "--gate", "sqs", *common, *LAM]) == 0
+    runs = _made(r, set(), "tiny/tinystories/sqs-lam0.1-s0")
     assert main(["experiment", "tinystories", "--gates", "sqs", "bilinear", "--extra-seeds", "--throughput-reps",
-                 "0", "--no-samples", "--runs-dir", str(runs / "ts"), "--out", str(tmp_path / "ts-out"),
-                 *common, *LAM]) == 0
-    _finished(runs / "ts", "tiny/tinystories/sqs-lam0.1-s0", "tiny/tinystories/bilinear-s0")
-    assert main(["experiment", "lm-spectra", "--runs-dir", str(runs / "ls"), "--out", str(tmp_path / "ls-out"),
-                 "--windows", "4", "--k", "2", "--directions", ".", *common, *LAM]) == 0
-    _finished(runs / "ls", "tiny/tinystories/sqs-lam0.1-s0", "tiny/tinystories/sqs-lam0.1-s1",
-              "tiny/tinystories/bilinear-s0")
+                 "0", "--no-samples", "--out", str(tmp_path / "ts-out"), *common, *LAM]) == 0
+    runs = _made(r, runs, "tiny/tinystories/bilinear-s0")
+    assert main(["experiment", "lm-spectra", "--out", str(tmp_path / "ls-out"), "--windows", "4", "--k", "2",
+                 "--directions", ".", *common, *LAM]) == 0
+    _made(r, runs, "tiny/tinystories/sqs-lam0.1-s1")
     assert not Path("runs").exists()
-    for run in runs.glob("**/config.json"):
-        assert not unregistered_files(run.parent), (run.parent, unregistered_files(run.parent))
+    _only_registered_files(r)
 
 
 @pytest.mark.parametrize("bad, names", [("lam=-1", ["lam", ">= 0"]), ("lamda=0.1", ["lamda", "c, lam, p"]),
@@ -191,6 +168,9 @@ def test_the_old_lm_spelling_is_refused_with_the_new_one(capsys):
 def test_one_spelling_reaches_the_same_run_as_before(tmp_path):
     """The LM run config and its config.json keep their flat `gate_kwargs`: runs made with the old
     spelling are the same runs (same directory, same stored config)."""
+    from sqs.runs.image_config import load_config as load_image_config
+    from sqs.runs.lm_config import load_config as load_lm_config
+
     lm = load_lm_config("tinystories-1epoch", ["model.gate_kwargs.lam=0.05"], gate="sqs", seed=1)
     assert lm.to_dict()["gate_kwargs"] == {"lam": 0.05}
     assert lm.run_dir("runs").as_posix() == "runs/tinystories-1epoch/tinystories/sqs-lam0.05-s1"
