@@ -6,7 +6,7 @@ into its run directory; a list of runs goes through the process pool (`run_grid`
     cfg = load_config("sec42", overrides=["dataset=fashion-mnist", "model.gate=sqs", "seed=3"])
     run_image(cfg, cfg.run_dir("runs"))               # runs/sec42/fashion-mnist/sqs-s3
     model, config = load_image_model(cfg.run_dir("runs"))
-    run_grid([RunSpec(c.label(), c.run_dir("runs"), c) for c in cfgs], workers=2)
+    run_grid([RunSpec.of(c, "runs") for c in cfgs], workers=2)
 
 Data and batches
     The train and test sets are held in memory as tensors ((N, 784) float32 in [0, 1],

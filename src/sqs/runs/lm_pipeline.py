@@ -177,8 +177,8 @@ def run_lm(cfg: LMRunConfig, run_dir: str | os.PathLike, cache_dir: str | os.Pat
            device: str | None = "auto", progress: bool = True, stop_after: int | None = None) -> list[dict]:
     """Train (or resume) one TinyStories run into `run_dir`; returns its metric records.
 
-    Works in one process or under torchrun (call `init_distributed` first; each rank
-    takes its slice of every global batch; rank 0 evaluates and writes). Raises
+    Works in one process or under torchrun (call `sqs.training.distributed.init_distributed`
+    first; each rank takes its slice of every global batch; rank 0 evaluates and writes). Raises
     `TrainingDiverged` on a non-finite loss, keeping the last checkpoint.
     `cache_dir` and `device` are not part of the run's identity (config.json).
 
