@@ -5,9 +5,10 @@
 
 A run is described by a small picklable `RunSpec` and trained by `run_one`, a top-level
 function (or a `functools.partial` of one) that returns the run's final numbers; so a
-launcher only has to carry (spec, run_one) to wherever the run executes. Launchers today:
-`inline` (this process, `workers` = 1) and `processes` (`workers` spawned processes pulling
-runs from a queue); another one (a Ray task per run, say) calls the same `run_one`.
+launcher only has to carry (spec, run_one) to wherever the run executes. `LAUNCHERS`:
+`inline` (this process, one run after another) and `processes` (`workers` spawned processes
+pulling runs from a queue); another one (a Ray task per run, say) is one more function of the
+same signature that calls the same `run_one` and reports through the same `finished` callback.
 
 Finished runs are skipped (`is_complete` with the weights verified), interrupted ones resume
 (the trainer's contract), and a failed run is collected in the summary, not raised, so one
@@ -63,16 +64,20 @@ def default_workers() -> int:
 
 def launch(specs: Sequence[RunSpec], run_one: RunOne, *, workers: int = 1, threads: int = 1, progress: bool = True,
            run_bars: bool = True, desc: str = "runs", on_finish: Callable[[str, bool, Any], None] | None = None,
-           prepare: Callable[[list[RunSpec]], None] | None = None, log: str | Path | None = None) -> dict:
+           prepare: Callable[[list[RunSpec]], None] | None = None, log: str | Path | None = None,
+           launcher: str | None = None) -> dict:
     """Train every unfinished run of `specs`; return a summary ({"started", "n_runs", "n_skipped",
     "n_trained", "workers", "threads", "failed": [{"run", "error"}], "runs": {name: info}, "wall_s"}).
 
+    `launcher` names one of LAUNCHERS (default: `inline` for one worker, `processes` for more).
     `prepare(todo)` runs once before any worker starts (e.g. fetch a dataset the runs share);
     `on_finish(name, ok, info)` after each run (info: {"wall_s", **run_one's dict}, or the
     traceback of a failed run); `log` (a JSONL file) gets the summary without "runs" when
     something was trained."""
     from tqdm.auto import tqdm
 
+    if launcher is not None and launcher not in LAUNCHERS:
+        raise ValueError(f"pool: unknown launcher {launcher!r}; choose one of {', '.join(LAUNCHERS)}")
     todo = [s for s in specs if not is_complete(s.run_dir, verify=True)]
     summary = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "n_runs": len(specs), "n_skipped": len(specs) - len(todo),
                "n_trained": 0, "workers": 0, "threads": threads, "failed": [], "runs": {}}
@@ -98,10 +103,9 @@ def launch(specs: Sequence[RunSpec], run_one: RunOne, *, workers: int = 1, threa
             on_finish(name, ok, info)
 
     try:
-        if workers == 1:
-            inline(todo, run_one, threads, run_bars and progress, finished)
-        elif workers > 1:
-            processes(todo, run_one, workers, threads, run_bars and progress, finished)
+        if todo:
+            name = launcher or ("inline" if workers == 1 else "processes")
+            LAUNCHERS[name](todo, run_one, workers, threads, run_bars and progress, finished)
     except BaseException:
         summary["interrupted"] = True
         raise
@@ -123,9 +127,9 @@ def _timed(run_one: RunOne, spec: RunSpec, position: int, progress: bool) -> dic
 # ----------------------------------------------------------------------------- launchers
 
 
-def inline(todo: Sequence[RunSpec], run_one: RunOne, threads: int, run_bars: bool,
+def inline(todo: Sequence[RunSpec], run_one: RunOne, workers: int, threads: int, run_bars: bool,
            finished: Callable[[str, bool, Any], None]) -> None:
-    """Every run in this process, one after another, with `threads` intra-op threads."""
+    """Every run in this process, one after another, with `threads` intra-op threads (`workers` unused)."""
     import torch
 
     old = torch.get_num_threads()
@@ -219,3 +223,7 @@ def processes(todo: Sequence[RunSpec], run_one: RunOne, workers: int, threads: i
         for q in (jobs, results):
             q.close()
             q.cancel_join_thread()
+
+
+#: Where runs execute: name -> launcher(todo, run_one, workers, threads, run_bars, finished).
+LAUNCHERS: dict[str, Callable[..., None]] = {"inline": inline, "processes": processes}
