@@ -96,8 +96,9 @@ def write_image_dataset(folder: Path, seed: int = 0) -> Path:
 
 @pytest.fixture
 def no_figures(monkeypatch):
-    """The reports' figures (`sqs.interp.plots`) as signature-checked stubs and an instant `save`:
-    for tests of what a command does around its report (matplotlib is slow on 2 shared cores)."""
+    """The reports' figures (`sqs.interp.plots`) as signature-checked stubs, and an instant save for
+    them and for the reports that save their own: for tests of what a command does around its report
+    (matplotlib is slow on 2 shared cores)."""
     import inspect
 
     import matplotlib.pyplot as plt
@@ -120,3 +121,7 @@ def no_figures(monkeypatch):
                  "plot_explanation", "plot_truncation"):
         monkeypatch.setattr(plots, name, stub(getattr(plots, name)))
     monkeypatch.setattr(plots, "save", fast_save)
+    from sqs.experiments import lm_spectra_report, lm_table_report, table1_report
+
+    for module in (table1_report, lm_table_report, lm_spectra_report):  # reports that save through sqs.io
+        monkeypatch.setattr(module, "save_figure", fast_save)

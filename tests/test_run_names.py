@@ -120,7 +120,7 @@ def test_every_image_command_files_a_non_default_lambda_under_its_tag(tmp_path, 
 
 
 def test_every_lm_command_files_a_non_default_lambda_under_its_tag(tmp_path, lm_config, tinystories_cache,
-                                                                   monkeypatch):
+                                                                   monkeypatch, no_figures):
     monkeypatch.chdir(tmp_path)
     r, cache = tmp_path / "r", str(tinystories_cache)
     common = ["--config", str(lm_config), "--cache-dir", cache, "--device", "cpu", "--no-progress", "--runs-dir", str(r)]
