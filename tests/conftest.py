@@ -121,7 +121,8 @@ def no_figures(monkeypatch):
                  "plot_explanation", "plot_truncation"):
         monkeypatch.setattr(plots, name, stub(getattr(plots, name)))
     monkeypatch.setattr(plots, "save", fast_save)
-    from sqs.experiments import lm_spectra_report, lm_table_report, table1_report
+    from sqs.experiments import frontier_plots, lm_spectra_report, lm_table_report, table1_report
 
     for module in (table1_report, lm_table_report, lm_spectra_report):  # reports that save through sqs.io
         monkeypatch.setattr(module, "save_figure", fast_save)
+    monkeypatch.setattr(frontier_plots, "save", fast_save)

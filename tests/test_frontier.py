@@ -118,7 +118,7 @@ r2_min = 0.95
     return load_grid(path)
 
 
-def test_tiny_frontier_end_to_end_resumes_and_reports(tmp_path, eager_backend):
+def test_tiny_frontier_end_to_end_resumes_and_reports(tmp_path, eager_backend, no_figures):
     cache = tmp_path / "cache"
     _write_dataset(cache / "images" / "mnist")
     runs, out, log = tmp_path / "runs", tmp_path / "out", tmp_path / "frontier.log"
