@@ -30,8 +30,8 @@ from sqs.interp.lm_quadratic import (
     token_inputs,
     top_promoted,
 )
-from sqs.interp.readings import unit_gains
-from sqs.interp.spectra import NotQuadratic, UnsupportedGate, quadratic_form
+from sqs.interp.readings import quadratic_form, unit_gains
+from sqs.interp.spectra import NotQuadratic, UnsupportedGate
 from sqs.models.gpt import GPT, GPTConfig
 from sqs.nn import GLU, SQS
 

@@ -18,10 +18,9 @@ from sqs.interp.spectra import (
     cosine_per_rank,
     decompose,
     fidelity,
-    interaction_matrices,
-    quadratic_form,
     surrogate_logits,
 )
+from sqs.interp.readings import interaction_matrices, quadratic_form
 from sqs.models.image import ImageClassifier, ImageModelConfig
 
 D, H, C, PIX = 16, 24, 10, 784

@@ -26,9 +26,10 @@ angles and is NaN when a side is empty. Summaries skip NaN and report how many
 (pair, class) values each rank rests on.
 
 The matching itself (`vector_agreement`, `summarise`) takes any per-side unit vectors in a
-space both models share; `sqs.interp.lm_quadratic.token_profiles` gives a language model's
-eigenvectors as centred token-projection profiles over the vocabulary, so the same code
-compares two decoders by the correlation of those profiles.
+space both models share; `profiles` gives eigenvectors that live in different input spaces
+(two decoders' residual streams, two deep image models' hidden layers) as centred projection
+profiles over shared probe inputs (tokens, test images), so the same code compares them by the
+correlation of those profiles.
 """
 
 from __future__ import annotations
@@ -62,15 +63,33 @@ def side_indices(eigenvalues: torch.Tensor, side: str, k: int, tol: float = ZERO
     if side not in SIDES:
         raise ValueError(f"agreement: side must be one of {', '.join(SIDES)}, got {side!r}")
     out = []
-    for lam in eigenvalues.to(torch.float64):
+    for eigvals in eigenvalues.to(torch.float64):
         if side == "abs":
-            out.append(torch.arange(min(k, lam.shape[0])))
+            out.append(torch.arange(min(k, eigvals.shape[0])))
             continue
-        s = lam if side == "positive" else -lam
-        thresh = tol * float(lam.abs().max()) if lam.numel() else 0.0
+        s = eigvals if side == "positive" else -eigvals
+        thresh = tol * float(eigvals.abs().max()) if eigvals.numel() else 0.0
         idx = torch.nonzero(s > thresh).flatten()
         out.append(idx[s[idx].argsort(descending=True)][:k])
     return out
+
+
+def profiles(Q: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """Each eigenvector's projection on every row of X, centred over the rows and of unit norm.
+
+    Q (..., k, r) eigenvectors as rows, X (M, d) shared probe inputs (tokens, images) in the model's own
+    input space, r = d, or r = d + 1 for forms in [x; 1] (X then gets its constant 1 here) -> (..., k, M).
+    Two models' input bases differ, so their eigenvectors are compared through these profiles over the
+    same probes: the cosine of two centred unit profiles is their Pearson correlation.
+    """
+    X = X.to(torch.float64)
+    if Q.shape[-1] == X.shape[-1] + 1:
+        X = torch.cat([X, X.new_ones(X.shape[0], 1)], dim=-1)
+    if Q.shape[-1] != X.shape[-1]:
+        raise ValueError(f"profiles: eigenvectors of length {Q.shape[-1]} but probe inputs of width {X.shape[-1]}")
+    prof = Q.to(torch.float64) @ X.T
+    prof = prof - prof.mean(-1, keepdim=True)
+    return prof / prof.norm(dim=-1, keepdim=True).clamp_min(1e-300)
 
 
 def _side_pair(ua: torch.Tensor, ub: torch.Tensor, k: int) -> dict:

@@ -43,17 +43,18 @@ import torch
 import torch.nn.functional as F
 
 from sqs.functional import canonical_gate, gate_fn
-from sqs.interp.agreement import DEFAULT_K, ZERO_TOL, side_indices, vector_agreement
-from sqs.interp.readings import unit_gains
-from sqs.interp.spectra import (
-    DEFAULT_KS,
-    NotQuadratic,
-    eig_sorted,
-    gate_reading,
+from sqs.interp.agreement import DEFAULT_K, ZERO_TOL, profiles, side_indices, vector_agreement
+from sqs.interp.layer_readings import READING_DESCRIPTIONS, GLUWeights, best_reading, output_scores, read_layers
+from sqs.interp.readings import (
+    DEFAULT_RIDGE,
+    READINGS,
+    homogeneous,
     interaction_matrices,
     quadratic_form,
     r2,
+    unit_gains,
 )
+from sqs.interp.spectra import DEFAULT_KS, NotQuadratic, eig_sorted, gate_reading, is_exact_gate
 
 GAIN_READING = "gain (unit i scaled by its least-squares gate gain, fitted on training windows)"
 Decoder = Callable[[int], str]
@@ -387,18 +388,16 @@ def layer_inputs(model, idx: torch.Tensor, batch_size: int = 8) -> LayerInputs:
 
 
 def _scores(pred: torch.Tensor, target: torch.Tensor) -> dict:
-    alpha = float((pred * target).sum() / (pred * pred).sum().clamp_min(1e-300))
     per_dir = [r2(pred[:, j:j + 1], target[:, j:j + 1]) for j in range(target.shape[1])]
-    return {"r2": r2(pred, target), "r2_scaled": r2(alpha * pred, target), "best_scale": alpha,
-            "sign_agreement": float((torch.sign(pred) == torch.sign(target)).double().mean()),
-            "r2_per_direction": per_dir}
+    return {**output_scores(pred, target), "r2_per_direction": per_dir}
 
 
 def _reading(B: torch.Tensor, n: torch.Tensor, target: torch.Tensor, ks) -> dict:
-    lam, Q = eig_sorted(B)  # |lam| order: the top-k truncations keep the largest |lam|
-    terms = lam[None] * torch.einsum("kjd,nd->nkj", Q, n) ** 2  # (N, K, d)
+    """Scores of the forms B (K, r, r) on inputs n (N, r) (homogeneous forms: n = [n; 1]), also truncated."""
+    eigvals, Q = eig_sorted(B)  # |eigenvalue| order: the top-k truncations keep the largest |eigenvalue|
+    terms = eigvals[None] * torch.einsum("kjd,nd->nkj", Q, n) ** 2  # (N, K, r)
     out = _scores(quadratic_form(B, n), target)
-    d = lam.shape[-1]
+    d = eigvals.shape[-1]
     out["truncated"] = {("all" if k is None else str(k)): {"k": d if k is None else min(k, d),
                                                            **_scores(terms[..., :d if k is None else k].sum(-1), target)}
                         for k in ks}
@@ -436,6 +435,40 @@ def lm_fidelity(W: torch.Tensor, V: torch.Tensor, P: torch.Tensor, gate: str, ga
     return out
 
 
+@torch.no_grad()
+def lm_reading_fidelity(W: torch.Tensor, V: torch.Tensor, P: torch.Tensor, gate: str, gate_kwargs: dict,
+                        U: torch.Tensor, n_fit: torch.Tensor, n_eval: torch.Tensor, readings=READINGS, ks=DEFAULT_KS,
+                        fit_rows: int | None = None, ridge: float = DEFAULT_RIDGE) -> dict:
+    """The reading protocol on one decoder GLU layer, any gate: how much of its direct contribution
+    u . MLP(n) to each output direction u (rows of U (K, d_out)) each reading reproduces.
+
+    Every reading (`sqs.interp.layer_readings.read_layers`: first-order where the gate has one, gain,
+    affine, fit) is fitted on the layer inputs n_fit (..., d) from *training* tokens and scored on
+    n_eval from held-out tokens, as one form per direction in z = [n; 1]:
+    B_u = sum_k u_k B_k (`LayerReading.through`). "fit" is fitted to the layer's d_out outputs on the
+    first `fit_rows` rows of n_fit (None: all; N * F^2 work, F = (d+1)(d+2)/2).
+
+    Returns {"gate", "exact", "n_fit", "n_eval", "target_std", "best", "order" (by R^2, ties to the
+    simpler reading), and per reading name {"reading": description, "r2", "r2_scaled", "best_scale",
+    "sign_agreement", "r2_per_direction", "truncated": {k: ...}}, "forms": {reading: B_u (K, d+1, d+1)}}.
+    """
+    glu = GLUWeights(W, V, P, gate, gate_kwargs or {})
+    n_fit = n_fit.to(F64).reshape(-1, glu.d)
+    n_eval = n_eval.to(F64).reshape(-1, glu.d)
+    U = U.to(F64).reshape(-1, glu.P.shape[0])
+    target = glu.output(n_eval) @ U.T
+    fitted = read_layers(glu, n_fit, readings, fit_rows=fit_rows, ridge=ridge)
+    z_eval = homogeneous(n_eval)
+    out = {"gate": glu.gate, "exact": is_exact_gate(glu.gate, glu.gate_kwargs), "n_fit": n_fit.shape[0],
+           "n_eval": n_eval.shape[0], "target_std": target.std(0).tolist(), "forms": {}}
+    for name, rd in fitted.items():
+        B = rd.through(U).B
+        out["forms"][name] = B
+        out[name] = {"reading": READING_DESCRIPTIONS[name], **_reading(B, z_eval, target, ks)}
+    out["best"], out["order"] = best_reading({r: out[r] for r in fitted})
+    return out
+
+
 def split_windows(n: torch.Tensor, fit_frac: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """Layer inputs (B, T, d) -> (fit, eval) split by whole windows (first fit_frac of the windows to fit),
     so no window is in both halves."""
@@ -449,16 +482,9 @@ def split_windows(n: torch.Tensor, fit_frac: float = 0.5) -> tuple[torch.Tensor,
 # --------------------------------------------------------------------------- agreement in token space
 
 
-def token_profiles(Q: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """Each eigenvector's projection on every token input, centred over the vocabulary and of unit norm.
-
-    Q (..., k, d) eigenvectors as rows, X (V, d) token inputs (`token_inputs`) -> (..., k, V).
-    Two models' residual bases differ, so their eigenvectors are compared through these profiles:
-    the cosine of two centred unit profiles is their Pearson correlation over the vocabulary.
-    """
-    prof = Q.to(F64) @ X.to(F64).T
-    prof = prof - prof.mean(-1, keepdim=True)
-    return prof / prof.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+#: An eigenvector's centred, unit projection profile over the vocabulary (`agreement.profiles` with X the
+#: token inputs): the name the token-space analysis uses.
+token_profiles = profiles
 
 
 def token_agreement(B_a: torch.Tensor, X_a: torch.Tensor, B_b: torch.Tensor, X_b: torch.Tensor,
@@ -466,8 +492,8 @@ def token_agreement(B_a: torch.Tensor, X_a: torch.Tensor, B_b: torch.Tensor, X_b
     """Fair agreement of two models' eigenvectors for the same output directions, in token space.
 
     B_a (K, d_a, d_a) and B_b (K, d_b, d_b): the matrices of the same K directions (e.g. the same
-    tokens) in two models; X_a (V, d_a), X_b (V, d_b): each model's token inputs over one shared
-    vocabulary. The eigenvectors become `token_profiles` and go through the image analysis'
+    tokens) in two models (or (K, d+1, d+1) forms in [n; 1]); X_a (V, d_a), X_b (V, d_b): each model's
+    token inputs over one shared vocabulary. The eigenvectors become `token_profiles` and go through the image analysis'
     matching (`sqs.interp.agreement.vector_agreement`: signed sides, per-rank |corr|, best
     one-to-one match, subspace overlap), so per_rank etc. are |correlations| of profiles.
     """
@@ -476,13 +502,14 @@ def token_agreement(B_a: torch.Tensor, X_a: torch.Tensor, B_b: torch.Tensor, X_b
     if X_a.shape[0] != X_b.shape[0]:
         raise ValueError(f"token_agreement: vocabularies of {X_a.shape[0]} vs {X_b.shape[0]} tokens; "
                          "token-space agreement needs one shared tokenizer")
-    lam_a, Q_a = eig_sorted(B_a.to(F64))
-    lam_b, Q_b = eig_sorted(B_b.to(F64))
-    return vector_agreement(lam_a, token_profiles(Q_a, X_a), lam_b, token_profiles(Q_b, X_b), k=k, tol=tol)
+    eigvals_a, Q_a = eig_sorted(B_a.to(F64))
+    eigvals_b, Q_b = eig_sorted(B_b.to(F64))
+    return vector_agreement(eigvals_a, profiles(Q_a, X_a), eigvals_b, profiles(Q_b, X_b), k=k, tol=tol)
 
 __all__ = [
     "GAIN_READING", "LayerInputs", "Spectrum", "TokenList", "Example", "direct_contribution", "direction_matrices",
-    "direction_matrix", "direction_norms", "eig_signed", "glu_weights", "layer_inputs", "lm_fidelity", "max_activating",
+    "direction_matrix", "direction_norms", "eig_signed", "glu_weights", "layer_inputs", "lm_fidelity",
+    "lm_reading_fidelity", "max_activating",
     "mean_inv_rms", "orient", "read_tokens", "render", "split_windows", "token_agreement", "token_directions",
     "token_id", "token_inputs", "token_profiles", "top_promoted",
 ]
