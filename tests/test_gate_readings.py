@@ -137,6 +137,8 @@ def test_surrogate_equals_a_model_whose_gate_is_affine_on_its_data(n_layers):
     for rd in stack["affine"]:
         torch.testing.assert_close(rd.a, torch.full((H,), -c, dtype=F64), rtol=0, atol=1e-10)
         torch.testing.assert_close(rd.b, torch.ones(H, dtype=F64), rtol=0, atol=1e-10)
+    for rd, u, y in zip(stack["affine"], tr.inputs, tr.outputs):  # the forms in [u; 1] are the layer
+        torch.testing.assert_close(rd.form_output(u), y, rtol=0, atol=1e-10)
     fid = stack_fidelity(model, stack["affine"], test, labels_for(100, 7), true_trace=tr)
     assert all(s["r2"] == pytest.approx(1.0, abs=1e-10) for s in fid["layers"])
     assert fid["logit_r2"] == pytest.approx(1.0, abs=1e-10) and fid["agreement"] == 1.0
@@ -172,6 +174,11 @@ def test_every_reading_of_a_bilinear_stack_is_exact_per_layer_and_end_to_end(n_l
         assert fid["logit_r2"] == pytest.approx(1.0, abs=1e-9) and fid["agreement"] == 1.0
         torch.testing.assert_close(surrogate_trace(model, res["readings"][reading], test).logits, model(test),
                                    rtol=0, atol=1e-8)
+    tr = trace(model, test)
+    for rds in res["readings"].values():  # outputs through the units (fast path) and through the forms agree
+        for rd, u, y in zip(rds, tr.inputs, tr.outputs):
+            torch.testing.assert_close(rd.form_output(u), y, rtol=0, atol=1e-9)
+            torch.testing.assert_close(rd(u), rd.form_output(u), rtol=0, atol=1e-9)
 
 
 def test_readings_are_fitted_on_training_data_only():
