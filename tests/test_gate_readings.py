@@ -28,6 +28,7 @@ from sqs.interp.readings import (
     unit_affine,
     unit_gains,
     unit_reading,
+    unit_weights,
 )
 from sqs.interp.spectra import decompose, fidelity, to_homogeneous
 from sqs.models.image import ImageClassifier, ImageModelConfig
@@ -98,6 +99,22 @@ def test_unit_fits_closed_form():
     assert b[0] == 0 and a[0] == pytest.approx(float(torch.tanh(torch.tensor(0.7))))
     with pytest.raises(ValueError, match="no fit inputs"):
         unit_affine(pre[:0], pre[:0])
+    # weighted by the squared linear branch: the least squares of the unit's output (w.u)(g - a - b v)
+    lin = torch.randn(400, 6, generator=g, dtype=F64)
+    post = torch.nn.functional.silu(3 * pre)
+    a, b = unit_affine(pre, post, weights=unit_weights(lin))
+    for i in range(6):
+        design = torch.stack([lin[:, i], lin[:, i] * pre[:, i]], 1)  # (w.u) * [1, v]
+        ref = torch.linalg.lstsq(design, lin[:, i] * post[:, i]).solution
+        torch.testing.assert_close(torch.stack([a[i], b[i]]), ref, rtol=0, atol=1e-10)
+    a0, b0 = unit_affine(pre, post)
+    def unit_err(a_, b_):
+        return ((lin * (post - a_ - b_ * pre)) ** 2).sum(0)
+    assert bool((unit_err(a, b) < unit_err(a0, b0)).all())
+    gains = unit_gains(pre, post, weights=unit_weights(lin))
+    torch.testing.assert_close(gains, ((lin**2 * pre * post).sum(0) / (lin**2 * pre * pre).sum(0)))
+    with pytest.raises(ValueError, match="weights"):
+        unit_affine(pre, post, weights=-unit_weights(lin))
     # first-order slopes: identity for bilinear and SQS (the paper's), 1/2 for GELU/SwiGLU, none for ReLU
     assert [first_order_slope(gt) for gt in GATES] == [None, 0.5, 0.5, 1.0, 1.0]
     with pytest.raises(ValueError, match="no first-order reading"):
@@ -240,7 +257,7 @@ def test_one_layer_protocol_matches_decompose_and_pixel_fidelity():
     for reading in ("first-order", "gain", "affine"):
         rds = res["readings"][reading]
         dec = decomposition(model, rds)
-        legacy = decompose(model, reading=reading, fit_images=train, homogeneous=True)
+        legacy = decompose(model, reading=reading, fit_images=train, homogeneous=True, weighted=True)
         torch.testing.assert_close(dec.B, legacy.B, rtol=0, atol=1e-12)
         torch.testing.assert_close(class_forms(model, rds), dec.B)
         # the end-to-end surrogate of a 1-layer model is its per-class eigen-surrogate

@@ -346,9 +346,10 @@ def test_lm_readings_read_every_gate_on_training_tokens_only(gate):
     res = lm_reading_fidelity(W, V, P, gate, kw, U, n_fit, n_eval, readings=("first-order", "gain", "affine"), ks=())
     assert ("first-order" in res) == (gate != "relu")  # ReLU has no first-order reading
     assert res["best"] == res["order"][0] and res["affine"]["r2"] >= res["gain"]["r2"] - 0.05
-    if gate == "sqs":  # the gain reading is lm_fidelity's gain reading, padded with zeros
-        assert res["gain"]["r2"] == pytest.approx(lm_fidelity(W, V, P, gate, kw, U, n_fit, n_eval)["gain"]["r2"],
-                                                  abs=1e-10)
+    if gate == "sqs":  # unweighted, the gain reading is lm_fidelity's gain reading, padded with zeros
+        plain = lm_reading_fidelity(W, V, P, gate, kw, U, n_fit, n_eval, readings=("gain",), ks=(), weighted=False)
+        assert plain["gain"]["r2"] == pytest.approx(lm_fidelity(W, V, P, gate, kw, U, n_fit, n_eval)["gain"]["r2"],
+                                                    abs=1e-10)
     other_eval = lm_reading_fidelity(W, V, P, gate, kw, U, n_fit, randn(4, 16, D, seed=44), readings=("affine",),
                                      ks=())
     other_fit = lm_reading_fidelity(W, V, P, gate, kw, U, randn(12, 16, D, seed=45), n_eval, readings=("affine",),

@@ -1,12 +1,12 @@
 """Fair agreement between two models' features (eigenvectors of their quadratic forms).
 
-Comparing eigenvectors rank by rank after sorting by |lambda| mixes the two signs (the
-largest |lambda| of a class may be negative in one model and positive in the other) and
+Comparing eigenvectors rank by rank after sorting by |eigval| mixes the two signs (the
+largest |eigval| of a class may be negative in one model and positive in the other) and
 lets near-equal eigenvalues swap ranks. So, per class, in pixel space (u = E^T q: two
 models have different embeddings E, only pixel-space pictures are comparable), float64:
 
-- sides: "positive" (lambda > 0, largest first), "negative" (lambda < 0, most negative
-  first), and "abs" (the |lambda| order of `Decomposition`, kept as a secondary view);
+- sides: "positive" (eigval > 0, largest first), "negative" (eigval < 0, most negative
+  first), and "abs" (the |eigval| order of `Decomposition`, kept as a secondary view);
 - per_rank: |cos| between the eigenvectors of equal rank within a side;
 - best_match: |cos| of the optimal one-to-one assignment between the two top-k sets
   (`scipy.optimize.linear_sum_assignment`, maximising the summed |cos|), per rank of A;
@@ -18,7 +18,7 @@ models have different embeddings E, only pixel-space pictures are comparable), f
   d x d traces, never forming 784 x 784; form_cosine_centered does the same after
   subtracting each model's mean form over classes (the part softmax ignores).
 
-A side with fewer than k eigenvalues of its sign (|lambda| <= tol * max|lambda| counts as
+A side with fewer than k eigenvalues of its sign (|eigval| <= tol * max|eigval| counts as
 zero, i.e. numerically null directions belong to no side) reports only the ranks that
 exist: per_rank entries beyond min(ka, kb) and best_match entries of A's ranks beyond
 min(ka, kb) (or beyond ka) are NaN, the overlap averages over min(ka, kb) canonical
@@ -55,10 +55,10 @@ def _check_k(k: int) -> int:
 
 
 def side_indices(eigenvalues: torch.Tensor, side: str, k: int, tol: float = ZERO_TOL) -> list[torch.Tensor]:
-    """Per class, indices (into the |lambda|-sorted eigenvalues) of the top-k of a side.
+    """Per class, indices (into the |eigval|-sorted eigenvalues) of the top-k of a side.
 
-    positive: lambda > tol * max|lambda|, largest first; negative: lambda < -tol * max|lambda|,
-    most negative first; abs: the first k of the |lambda| order. Lists may be shorter than k.
+    positive: eigval > tol * max|eigval|, largest first; negative: eigval < -tol * max|eigval|,
+    most negative first; abs: the first k of the |eigval| order. Lists may be shorter than k.
     """
     if side not in SIDES:
         raise ValueError(f"agreement: side must be one of {', '.join(SIDES)}, got {side!r}")
@@ -138,7 +138,7 @@ def vector_agreement(eig_a: torch.Tensor, vec_a: torch.Tensor, eig_b: torch.Tens
                      k: int = DEFAULT_K, tol: float = ZERO_TOL) -> dict:
     """The per-side agreement of two models' features given as unit vectors in one shared space.
 
-    eig_a (C, d) eigenvalues in |lambda| order per group (class, token direction, ...); vec_a
+    eig_a (C, d) eigenvalues in |eigval| order per group (class, token direction, ...); vec_a
     (C, d, P) the matching features as unit vectors in a space both models share (pixel space
     for image classifiers; centred, unit token-projection profiles for language models, so
     that |cos| is |correlation|). Same for B. Returns {"k", "n_classes", "positive" |

@@ -108,18 +108,20 @@ def surrogate_trace(model, readings: list[LayerReading], images: torch.Tensor) -
 
 @torch.no_grad()
 def read_stack(model, fit_images: torch.Tensor, readings=READINGS, *, fit_rows: int | None = None,
-               ridge: float = DEFAULT_RIDGE, chunk_size: int = 2048,
+               weighted: bool = True, ridge: float = DEFAULT_RIDGE, chunk_size: int = 2048,
                fit_trace: StackTrace | None = None) -> dict[str, list[LayerReading]]:
     """Every applicable reading of every layer, fitted on *training* images: {reading: [LayerReading per layer]}.
 
     Layer l is fitted on the u_l the true model computes on fit_images (`trace`; pass `fit_trace` to
     reuse one). "fit" uses the first `fit_rows` training images (None: all; its cost is N * F^2 per
-    layer, see `layer_readings.read_layer`). A reading the gate has not (ReLU's first-order) is absent.
+    layer, see `layer_readings.read_layer`). `weighted`: per-unit fits weighted by (w_i . u)^2, the
+    unit's output error (`readings.unit_weights`). A reading the gate has not (ReLU's first-order) is absent.
     """
     readings = tuple(check_reading(r) for r in readings)
     layers = stack_layers(model)
     tr = trace(model, fit_images) if fit_trace is None else fit_trace
-    per_layer = [read_layers(glu, u, readings, fit_rows=fit_rows, ridge=ridge, chunk_size=chunk_size)
+    per_layer = [read_layers(glu, u, readings, fit_rows=fit_rows, weighted=weighted, ridge=ridge,
+                             chunk_size=chunk_size)
                  for glu, u in zip(layers, tr.inputs)]
     return {r: [pl[r] for pl in per_layer] for r in readings if all(r in pl for pl in per_layer)}
 
@@ -154,7 +156,7 @@ def read_model(model, fit_images: torch.Tensor, images: torch.Tensor, labels: to
     Returns {"best": name, "key": key, "order": names best first, "fidelity": {name: stack_fidelity},
     "readings": {name: [LayerReading per layer]}}. Ranked by the end-to-end `key` (logit R^2 by default);
     within 1e-9 the simpler reading wins (so an exact model is read first-order). Refuses held-out images
-    that are mostly fit images. fit_kwargs go to `read_stack` (fit_rows, ridge, chunk_size).
+    that are mostly fit images. fit_kwargs go to `read_stack` (fit_rows, weighted, ridge, chunk_size).
     """
     if key not in RANK_KEYS:
         raise ValueError(f"read_model: key must be one of {', '.join(RANK_KEYS)}, got {key!r}")

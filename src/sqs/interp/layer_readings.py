@@ -37,14 +37,16 @@ from sqs.interp.readings import (
     quadratic_form,
     r2,
     unit_reading,
+    unit_weights,
 )
 
 F64 = torch.float64
 #: What each reading assumes about the gate, for tables and titles.
 READING_DESCRIPTIONS = {
     "first-order": "g(v) ~ s v, s = the gate's slope where it is ~ linear (1 bilinear/SQS, 1/2 GELU/SwiGLU)",
-    "gain": "g(v) ~ b_i v, b_i by least squares per unit on training data",
-    "affine": "g(v) ~ a_i + b_i v, by least squares per unit on training data; one form in [u; 1]",
+    "gain": "g(v) ~ b_i v, b_i by least squares per unit (weighted by (w_i.u)^2) on training data",
+    "affine": "g(v) ~ a_i + b_i v, by least squares per unit (weighted by (w_i.u)^2) on training data; one form "
+              "in [u; 1]",
     "fit": "forms in [u; 1] fitted by least squares to the layer's outputs on training data",
 }
 #: Two fidelities closer than this are a tie (the simpler reading wins).
@@ -181,12 +183,13 @@ def applicable(reading: str, gate: str) -> bool:
 
 
 def read_layer(glu: GLUWeights, reading: str, u_fit: torch.Tensor | None = None, *, y_fit: torch.Tensor | None = None,
-               prior: LayerReading | None = None, homogeneous_fit: bool = True, ridge: float = DEFAULT_RIDGE,
-               chunk_size: int = 2048) -> LayerReading:
+               prior: LayerReading | None = None, homogeneous_fit: bool = True, weighted: bool = True,
+               ridge: float = DEFAULT_RIDGE, chunk_size: int = 2048) -> LayerReading:
     """One reading of the layer, fitted on the *training* inputs u_fit (N, d) (first-order needs none).
 
     first-order / gain / affine: per-unit (a_i, b_i) of the gate (`readings.unit_reading`, fitted
-    on V u_fit), then B~ = `homogeneous_forms`. fit: least squares of the layer's outputs y_fit
+    on V u_fit, each sample weighted by (w_i . u)^2 when `weighted`: the unit's output error, see
+    `readings.unit_weights`), then B~ = `homogeneous_forms`. fit: least squares of the layer's outputs y_fit
     (default `glu.output(u_fit)`) on the quadratic features of [u; 1] (`homogeneous_fit`, a general
     quadratic) or of u alone (a pure quadratic form: the 1-layer `spectra.decompose` default), ridge
     toward `prior` (default: the affine reading, or the gain reading when not homogeneous_fit).
@@ -201,13 +204,15 @@ def read_layer(glu: GLUWeights, reading: str, u_fit: torch.Tensor | None = None,
         if reading == "first-order":
             a, b = unit_reading(reading, glu.gate, h=glu.h)
         else:
-            pre = glu.pre(u_fit)
-            a, b = unit_reading(reading, glu.gate, pre, gate_fn(glu.gate, **glu.gate_kwargs)(pre))
+            u = u_fit.to(F64).reshape(-1, glu.d)
+            pre = glu.pre(u)
+            weights = unit_weights(u @ glu.W.T) if weighted else None
+            a, b = unit_reading(reading, glu.gate, pre, gate_fn(glu.gate, **glu.gate_kwargs)(pre), weights=weights)
         return LayerReading(reading, homogeneous_forms(glu.W, glu.V, glu.P, a, b), a, b, glu)
     u = u_fit.to(F64).reshape(-1, glu.d)
     y = glu.output(u) if y_fit is None else y_fit.to(F64).reshape(u.shape[0], -1)
     if prior is None:
-        prior = read_layer(glu, "affine" if homogeneous_fit else "gain", u)
+        prior = read_layer(glu, "affine" if homogeneous_fit else "gain", u, weighted=weighted)
     if homogeneous_fit:
         B = fit_quadratic_forms(homogeneous(u), y, prior=prior.B, ridge=ridge, chunk_size=chunk_size)
     else:
@@ -220,7 +225,7 @@ def read_layer(glu: GLUWeights, reading: str, u_fit: torch.Tensor | None = None,
 
 
 def read_layers(glu: GLUWeights, u_fit: torch.Tensor, readings=READINGS, *, fit_rows: int | None = None,
-                **fit_kwargs) -> dict[str, LayerReading]:
+                weighted: bool = True, **fit_kwargs) -> dict[str, LayerReading]:
     """Every applicable reading of the layer, fitted on training inputs u_fit: {name: LayerReading}.
 
     The fit reading (if asked for) starts from the affine reading computed here and uses only the
@@ -234,9 +239,9 @@ def read_layers(glu: GLUWeights, u_fit: torch.Tensor, readings=READINGS, *, fit_
         if r == "fit":
             rows = u_fit if fit_rows is None else u_fit[:fit_rows]
             prior = out.get("affine") if fit_kwargs.get("homogeneous_fit", True) else out.get("gain")
-            out[r] = read_layer(glu, r, rows, prior=prior, **fit_kwargs)
+            out[r] = read_layer(glu, r, rows, prior=prior, weighted=weighted, **fit_kwargs)
         else:
-            out[r] = read_layer(glu, r, u_fit)
+            out[r] = read_layer(glu, r, u_fit, weighted=weighted)
     return out
 
 

@@ -11,7 +11,7 @@ layer, is c_u(n) = u . y. For the identity gate (the bilinear MLP) that is a qua
     c_u(n) = n^T B_u n,     B_u = sum_i (u . P_i) sym(w_i v_i^T)                     (1)
 
 (P_i is column i of P; only the symmetric part counts), so `eigh` reads it as
-sum_k lam_k (q_k . n)^2, exactly as `sqs.interp.spectra` reads the image classifiers'
+sum_k eigval_k (q_k . n)^2, exactly as `sqs.interp.spectra` reads the image classifiers'
 logits. For SQS, (1) with the gate taken as the identity is the paper's *first-order*
 reading; the *gain* reading scales unit i by its least-squares gain g_i
 (`sqs.interp.readings.unit_gains`, fitted on training windows) to account for the shrink:
@@ -31,7 +31,7 @@ probe, not the input the layer sees. `max_activating` uses the real n instead.
 Conventions, mirroring `sqs.interp.spectra`: all analysis in float64 on CPU; eigenvectors as
 rows; `eig_signed` orders eigenvalues signed, descending (the positive side from the top,
 the negative side read from the end, most negative first); `spectra.eig_sorted` gives the
-|lam| order used for top-k truncations.
+|eigval| order used for top-k truncations.
 """
 
 from __future__ import annotations
@@ -210,9 +210,9 @@ def eig_signed(B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (..., d) in signed descending order and eigenvectors as rows (..., d, d).
 
     The positive side reads from the start (largest first), the negative side from the end
-    (most negative first); `spectra.eig_sorted` gives the |lam| order."""
-    lam, Q = torch.linalg.eigh(B.to(F64))  # ascending
-    return lam.flip(-1), Q.transpose(-1, -2).flip(-2)
+    (most negative first); `spectra.eig_sorted` gives the |eigval| order."""
+    eigvals, Q = torch.linalg.eigh(B.to(F64))  # ascending
+    return eigvals.flip(-1), Q.transpose(-1, -2).flip(-2)
 
 
 @dataclass
@@ -227,14 +227,14 @@ class Spectrum:
         return cls(*eig_signed(B))
 
     def side(self, side: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lam (k',), Q (k', d)): the k largest positive, or the k most negative, eigenpairs (k' <= k)."""
+        """(eigvals (k',), Q (k', d)): the k largest positive, or the k most negative, eigenpairs (k' <= k)."""
         if side not in ("positive", "negative"):
             raise ValueError(f"Spectrum.side: `side` must be 'positive' or 'negative', got {side!r}")
         idx = side_indices(self.eigenvalues[None], side, k, tol=0.0)[0]  # the image analysis' side rule
         return self.eigenvalues[idx], self.eigenvectors[idx]
 
     def by_abs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lam, Q) in |lam| descending order, as the image analysis and top-k truncations use."""
+        """(eigvals, Q) in |eigval| descending order, as the image analysis and top-k truncations use."""
         order = self.eigenvalues.abs().argsort(descending=True)
         return self.eigenvalues[order], self.eigenvectors[order]
 
@@ -327,7 +327,7 @@ def max_activating(n: torch.Tensor, q: torch.Tensor, idx: torch.Tensor, k: int =
     """The k positions of token windows idx (B, T) whose real layer inputs n (B, T, d) project most on q.
 
     side="negative": the most negative projections; side="abs": the largest |q . n|, i.e. the largest
-    |lam (q . n)^2| term, since the quadratic form does not see the sign of q . n. Each example carries
+    |eigval (q . n)^2| term, since the quadratic form does not see the sign of q . n. Each example carries
     a text rendering with the token marked «token» and `before`/`after` tokens of context."""
     if n.shape[:2] != idx.shape:
         raise ValueError(f"max_activating: n {tuple(n.shape)} and idx {tuple(idx.shape)} disagree on (B, T)")
@@ -416,7 +416,7 @@ def lm_fidelity(W: torch.Tensor, V: torch.Tensor, P: torch.Tensor, gate: str, ga
       - "gain": unit i scaled by g_i (all g_i = 1 for the bilinear gate, so it equals first_order).
     Each has R^2 (pooled over directions, SS_tot about each direction's mean), R^2 after the best
     single scale, sign agreement, R^2 per direction, and the same for the top-k truncations
-    of the |lam|-ordered eigen-expansion (k in ks; None = all).
+    of the |eigval|-ordered eigen-expansion (k in ks; None = all).
     """
     gate_kwargs = dict(gate_kwargs or {})
     exact, reading = gate_reading(gate, gate_kwargs, force=force)
@@ -438,7 +438,7 @@ def lm_fidelity(W: torch.Tensor, V: torch.Tensor, P: torch.Tensor, gate: str, ga
 @torch.no_grad()
 def lm_reading_fidelity(W: torch.Tensor, V: torch.Tensor, P: torch.Tensor, gate: str, gate_kwargs: dict,
                         U: torch.Tensor, n_fit: torch.Tensor, n_eval: torch.Tensor, readings=READINGS, ks=DEFAULT_KS,
-                        fit_rows: int | None = None, ridge: float = DEFAULT_RIDGE) -> dict:
+                        fit_rows: int | None = None, weighted: bool = True, ridge: float = DEFAULT_RIDGE) -> dict:
     """The reading protocol on one decoder GLU layer, any gate: how much of its direct contribution
     u . MLP(n) to each output direction u (rows of U (K, d_out)) each reading reproduces.
 
@@ -446,7 +446,8 @@ def lm_reading_fidelity(W: torch.Tensor, V: torch.Tensor, P: torch.Tensor, gate:
     affine, fit) is fitted on the layer inputs n_fit (..., d) from *training* tokens and scored on
     n_eval from held-out tokens, as one form per direction in z = [n; 1]:
     B_u = sum_k u_k B_k (`LayerReading.through`). "fit" is fitted to the layer's d_out outputs on the
-    first `fit_rows` rows of n_fit (None: all; N * F^2 work, F = (d+1)(d+2)/2).
+    first `fit_rows` rows of n_fit (None: all; N * F^2 work, F = (d+1)(d+2)/2). `weighted`: the
+    per-unit fits weighted by (w_i . n)^2 (`readings.unit_weights`).
 
     Returns {"gate", "exact", "n_fit", "n_eval", "target_std", "best", "order" (by R^2, ties to the
     simpler reading), and per reading name {"reading": description, "r2", "r2_scaled", "best_scale",
@@ -457,7 +458,7 @@ def lm_reading_fidelity(W: torch.Tensor, V: torch.Tensor, P: torch.Tensor, gate:
     n_eval = n_eval.to(F64).reshape(-1, glu.d)
     U = U.to(F64).reshape(-1, glu.P.shape[0])
     target = glu.output(n_eval) @ U.T
-    fitted = read_layers(glu, n_fit, readings, fit_rows=fit_rows, ridge=ridge)
+    fitted = read_layers(glu, n_fit, readings, fit_rows=fit_rows, weighted=weighted, ridge=ridge)
     z_eval = homogeneous(n_eval)
     out = {"gate": glu.gate, "exact": is_exact_gate(glu.gate, glu.gate_kwargs), "n_fit": n_fit.shape[0],
            "n_eval": n_eval.shape[0], "target_std": target.std(0).tolist(), "forms": {}}

@@ -22,6 +22,10 @@ readings differ only in (a, b), simplest first (`READINGS`):
 - affine: a_i, b_i by least squares of g(v_ni) ~ a_i + b_i v_ni on training data (`unit_affine`).
   With a = 0 it is the gain reading's form padded with zeros; for the identity gate a = 0, b = 1
   and it is the exact bilinear decomposition.
+
+  Both fits may weight sample n of unit i by (w_i . x_n)^2 (`unit_weights`): they then minimise the
+  error of the unit's output (w_i . x)(g - a - b v), not of its gate. The reading protocol
+  (`sqs.interp.layer_readings`) does; `spectra.decompose` keeps the unweighted fits by default.
 - fit: the forms fitted directly by least squares to the layer's outputs on training inputs
   (`fit_quadratic_forms`), ridge-regularised toward a prior reading. In homogeneous coordinates
   (z = [x; 1]) it is the most general quadratic (with linear and constant terms), started
@@ -120,45 +124,77 @@ def _check_pre_post(pre: torch.Tensor, post: torch.Tensor, who: str) -> None:
         raise ValueError(f"{who}: no fit inputs (N = 0); pass the gate inputs on the training data")
 
 
-def unit_gains(pre: torch.Tensor, post: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+def _check_weights(weights: torch.Tensor | None, pre: torch.Tensor, who: str) -> torch.Tensor | None:
+    if weights is None:
+        return None
+    if weights.shape != pre.shape:
+        raise ValueError(f"{who}: `weights` must be (N, h) like `pre`, got {tuple(weights.shape)} and {tuple(pre.shape)}")
+    if bool((weights < 0).any()):
+        raise ValueError(f"{who}: `weights` must be >= 0")
+    return weights.to(F64)
+
+
+def unit_gains(pre: torch.Tensor, post: torch.Tensor, eps: float = 1e-12,
+               weights: torch.Tensor | None = None) -> torch.Tensor:
     """Per-unit least-squares gain g with post[:, i] ~ g_i * pre[:, i].
 
     `pre` (N, h) are the gate's inputs v = V x, `post` (N, h) its outputs gate(v). A unit
     that never fires (sum pre^2 = 0) gets gain 1 (it contributes nothing either way). For the
-    identity gate post == pre and every gain is exactly 1.
+    identity gate post == pre and every gain is exactly 1. `weights` (N, h) >= 0 weight each
+    sample per unit (`unit_weights`: the squared linear branch, so the fit minimises the error of
+    the unit's output rather than of its gate); None: unweighted.
     """
     _check_pre_post(pre, post, "unit_gains")
+    w = _check_weights(weights, pre, "unit_gains")
     pre64, post64 = pre.double(), post.double()
-    num = torch.einsum("nh,nh->h", pre64, post64)
-    den = torch.einsum("nh,nh->h", pre64, pre64)
-    return torch.where(den > eps, num / den.clamp_min(eps), torch.ones_like(den))
+    wpre = pre64 if w is None else w * pre64
+    num = torch.einsum("nh,nh->h", wpre, post64)
+    den = torch.einsum("nh,nh->h", wpre, pre64)
+    return torch.where(den > (eps if w is None else 0.0), num / den.clamp_min(eps if w is None else 1e-300),
+                       torch.ones_like(den))
 
 
-def unit_affine(pre: torch.Tensor, post: torch.Tensor, rel_eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+def unit_affine(pre: torch.Tensor, post: torch.Tensor, rel_eps: float = 1e-12,
+                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-unit least squares post[:, i] ~ a_i + b_i pre[:, i]: (a, b), each (h,), float64.
 
-    Closed form, all units at once: b = cov(v, g) / var(v), a = mean(g) - b mean(v). A unit
-    whose input is constant on the data (var(v) <= rel_eps * sum v^2) gets b = 0, a = mean(g):
-    exact there. For the identity gate a = 0 and b = 1 (to rounding).
+    Closed form, all units at once: b = cov(v, g) / var(v), a = mean(g) - b mean(v), with means,
+    covariance and variance weighted by `weights` (N, h) >= 0 when given (see `unit_gains`; a unit
+    whose weights are all 0 is fitted unweighted). A unit whose input is constant on the data
+    (var(v) <= rel_eps * sum v^2) gets b = 0, a = mean(g): exact there. For the identity gate
+    a = 0 and b = 1 (to rounding), whatever the weights.
     """
     _check_pre_post(pre, post, "unit_affine")
+    w = _check_weights(weights, pre, "unit_affine")
     v, g = pre.to(F64), post.to(F64)
-    mean_v, mean_g = v.mean(0), g.mean(0)
+    if w is None:
+        w = torch.ones_like(v)
+    else:  # a unit whose weights are all 0 contributes nothing: fit it unweighted
+        w = torch.where(w.sum(0) > 0, w, torch.ones_like(w))
+    total = w.sum(0)
+    mean_v, mean_g = (w * v).sum(0) / total, (w * g).sum(0) / total
     dv, dg = v - mean_v, g - mean_g
-    var = torch.einsum("nh,nh->h", dv, dv)
-    cov = torch.einsum("nh,nh->h", dv, dg)
-    varies = var > rel_eps * torch.einsum("nh,nh->h", v, v)
+    var = torch.einsum("nh,nh->h", w * dv, dv)
+    cov = torch.einsum("nh,nh->h", w * dv, dg)
+    varies = var > rel_eps * torch.einsum("nh,nh->h", w * v, v)
     b = torch.where(varies, cov / var.clamp_min(1e-300), torch.zeros_like(var))
     return mean_g - b * mean_v, b
 
 
-def unit_reading(reading: str, gate: str, pre: torch.Tensor | None = None,
-                 post: torch.Tensor | None = None, h: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def unit_weights(linear: torch.Tensor) -> torch.Tensor:
+    """(w_i . u)^2 per sample and unit from the linear branch W u (N, h): with these weights the per-unit
+    fit of the gate minimises sum_n ((w_i . u_n)(g(v_ni) - a_i - b_i v_ni))^2, the error of the unit's
+    own output, which is what the layer's output adds up (the gate matters little where w_i . u ~ 0)."""
+    return linear.to(F64) ** 2
+
+
+def unit_reading(reading: str, gate: str, pre: torch.Tensor | None = None, post: torch.Tensor | None = None,
+                 h: int | None = None, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(a, b) (h,) of a per-unit reading ("first-order", "gain" or "affine") of the gate.
 
     first-order needs only `h` (or `pre`); gain and affine are fitted on `pre` (N, h) = V x and
-    `post` = gate(pre) over *training* inputs. Raises ValueError for a first-order reading of
-    ReLU (none exists) and for "fit" (not a per-unit reading).
+    `post` = gate(pre) over *training* inputs, optionally `weights` (see `unit_weights`). Raises
+    ValueError for a first-order reading of ReLU (none exists) and for "fit" (not a per-unit reading).
     """
     check_reading(reading)
     if reading == "fit":
@@ -176,8 +212,8 @@ def unit_reading(reading: str, gate: str, pre: torch.Tensor | None = None,
         raise ValueError(f"unit_reading: the {reading!r} reading is fitted; pass the gate's inputs `pre` and outputs "
                          "`post` on training data")
     if reading == "gain":
-        return torch.zeros(pre.shape[-1], dtype=F64), unit_gains(pre, post)
-    return unit_affine(pre, post)
+        return torch.zeros(pre.shape[-1], dtype=F64), unit_gains(pre, post, weights=weights)
+    return unit_affine(pre, post, weights=weights)
 
 
 # --------------------------------------------------------------------------- least-squares fit

@@ -12,7 +12,7 @@ For the identity gate (the bilinear MLP) every logit is a quadratic form
 and only the symmetric part of B_a counts (x^T A x = 0 for antisymmetric A), so
 B_a := (B_a + B_a^T) / 2 and `eigh` gives
 
-    B_a = sum_k lam_ak q_ak q_ak^T,   logit_a = sum_k lam_ak (q_ak . x)^2          (2)
+    B_a = sum_k eigval_ak q_ak q_ak^T,   logit_a = sum_k eigval_ak (q_ak . x)^2          (2)
 
 The q_ak live in the d-dim embedding space; as functions of the image,
 q_ak . x = (E^T q_ak) . img, so u_ak = E^T q_ak is the eigenvector read in pixel
@@ -23,15 +23,15 @@ unless E has orthonormal rows; eigenvalues are those of B_a in embedding space.
 For SQS the gate is sqs(v) ~ v for c << |v| << 1/lam, so (1) read with the gate
 treated as identity is a *first-order* reading, not an identity: `fidelity`
 measures how much of the model it reproduces. `decompose(model, reading=...)` also
-offers readings that account for the shrink and stay one quadratic form per class
-("gain": per-unit gains; "fit": least squares to the model's logits), both fitted on
-training images (`sqs.interp.readings`); `rank_readings` picks the most faithful one
-on held-out images. ReLU/GELU/SiLU gates have no such
-reading (relu(v) is not ~ v anywhere useful), so `decompose` refuses them unless
-`force=True`. Models with more than one layer are not quadratic forms and are
-refused outright.
+offers readings fitted on training images that account for the gate and stay one
+quadratic form per class (`sqs.interp.readings`): "gain" (per-unit gains), "affine"
+(per-unit a_i + b_i v: a form in z = [x; 1], `Decomposition.homogeneous`) and "fit"
+(least squares to the model's logits); `rank_readings` picks the most faithful one on
+held-out images. The fitted readings read every gate; the first-order one is refused
+for ReLU/GELU/SiLU (their gate is not ~ v) unless `force=True`. Models with more than
+one layer are refused here: `sqs.interp.image_stack` reads them layer by layer.
 
-Conventions: eigenvalues per class sorted by |lam| descending; eigenvectors are
+Conventions: eigenvalues per class sorted by |eigval| descending; eigenvectors are
 stored as rows (`eigenvectors[a, k]` is q_ak); each eigenvector's sign is fixed
 so that its largest-magnitude pixel (in pixel space) is positive; the quadratic
 form and |cosine| do not depend on that sign. All analysis runs in float64.
@@ -248,7 +248,7 @@ def reading_label(gate: str, gate_kwargs: dict | None, reading: str, force: bool
 @torch.no_grad()
 def reading_matrices(model, reading: str = "first-order", fit_images: torch.Tensor | None = None,
                      ridge: float = DEFAULT_RIDGE, fit_prior: str | None = None, chunk_size: int = 2048,
-                     homogeneous: bool = False) -> torch.Tensor:
+                     homogeneous: bool = False, weighted: bool = False) -> torch.Tensor:
     """The symmetric per-class forms of a reading (see `sqs.interp.readings`), float64: B (C, d, d), or
     (C, d+1, d+1) in z = [x; 1] when `homogeneous` (required by "affine").
 
@@ -256,7 +256,10 @@ def reading_matrices(model, reading: str = "first-order", fit_images: torch.Tens
     b_i; "affine": per-unit a_i + b_i v, both fitted on `fit_images`; "fit": least squares to the
     model's logits on `fit_images` (in x, or in [x; 1] when homogeneous), ridge toward the
     `fit_prior` reading ("gain", "affine", "first-order" or "none"; None: "affine" when homogeneous,
-    else "gain"). `fit_images` are training images (N, n_pixels); never pass the images you evaluate on.
+    else "gain"). `weighted`: per-unit fits weighted by (w_i . x)^2 (`readings.unit_weights`, as the
+    reading protocol `sqs.interp.image_stack` fits them); off by default, so the gain reading stays
+    the one earlier reports used. `fit_images` are training images (N, n_pixels); never pass the
+    images you evaluate on.
     """
     check_reading(reading)
     layer = _glu_layer(model)
@@ -274,7 +277,7 @@ def reading_matrices(model, reading: str = "first-order", fit_images: torch.Tens
     E = model.embed.weight.detach().to(f64).cpu()
     x = img.to(f64).reshape(-1, E.shape[1]) @ E.T  # embedded training inputs (N, d)
     if reading != "fit":
-        B = read_layer(glu, reading, x).B
+        B = read_layer(glu, reading, x, weighted=weighted).B
         return B if homogeneous else B[:, :-1, :-1]
     fit_prior = fit_prior or ("affine" if homogeneous else "gain")
     if fit_prior not in ("gain", "affine", "first-order", "none"):
@@ -284,7 +287,7 @@ def reading_matrices(model, reading: str = "first-order", fit_images: torch.Tens
     elif fit_prior == "first-order":
         prior = read_layer(GLUWeights(glu.W, glu.V, glu.P, "bilinear"), "first-order")
     else:
-        prior = read_layer(glu, fit_prior, x)
+        prior = read_layer(glu, fit_prior, x, weighted=weighted)
     z = model_logits(model, img.reshape(x.shape[0], -1))  # the model's own logits are the target
     B = read_layer(glu, "fit", x, y_fit=z, prior=prior, homogeneous_fit=homogeneous, ridge=ridge,
                    chunk_size=chunk_size).B
@@ -294,13 +297,14 @@ def reading_matrices(model, reading: str = "first-order", fit_images: torch.Tens
 @torch.no_grad()
 def decompose(model, force: bool = False, reading: str = "first-order", fit_images: torch.Tensor | None = None,
               ridge: float = DEFAULT_RIDGE, fit_prior: str | None = None, chunk_size: int = 2048,
-              homogeneous: bool | None = None) -> Decomposition:
+              homogeneous: bool | None = None, weighted: bool = False) -> Decomposition:
     """Eigendecompose a 1-layer GLU classifier's per-class interaction matrices.
 
     `reading` picks B_a (see `reading_matrices`); the default is the paper's first-order
     reading (refused for relu/gelu/swiglu unless `force`). "gain", "affine" and "fit" need
     `fit_images` (training images only) and read every gate. `homogeneous` (default: only for
-    "affine") gives forms in [x; 1] (`Decomposition.homogeneous`). For an exactly quadratic model
+    "affine") gives forms in [x; 1] (`Decomposition.homogeneous`); `weighted` weights the per-unit
+    fits as the reading protocol does (see `reading_matrices`). For an exactly quadratic model
     (bilinear gate, sqs with c = lam = 0) every reading gives the exact decomposition (to float
     tolerance), labelled exact.
     """
@@ -310,7 +314,7 @@ def decompose(model, force: bool = False, reading: str = "first-order", fit_imag
     kw = dict(getattr(layer, "gate_kwargs", {}))
     exact, label = reading_label(layer.gate, kw, reading, force=force)
     B = reading_matrices(model, reading, fit_images, ridge=ridge, fit_prior=fit_prior, chunk_size=chunk_size,
-                         homogeneous=homogeneous)
+                         homogeneous=homogeneous, weighted=weighted)
     return forms_decomposition(B, model.embed.weight, layer.gate, exact, label, kw, method=reading,
                                homogeneous=homogeneous)
 
@@ -327,7 +331,7 @@ def _topk(dec: Decomposition, k: int | None) -> int:
 
 
 def surrogate_terms(dec: Decomposition, x_embedded: torch.Tensor, k: int | None = None) -> torch.Tensor:
-    """lam_ai (q_ai . x)^2 for the top-k eigenvectors: x (N, d) -> (N, C, k)."""
+    """eigval_ai (q_ai . x)^2 for the top-k eigenvectors: x (N, d) -> (N, C, k)."""
     k = _topk(dec, k)
     x = torch.as_tensor(x_embedded).to(torch.float64).reshape(-1, dec.rank)
     proj = torch.einsum("aid,nd->nai", dec.eigenvectors[:, :k], x)  # q_ai . x
@@ -335,14 +339,14 @@ def surrogate_terms(dec: Decomposition, x_embedded: torch.Tensor, k: int | None 
 
 
 def surrogate_logits(dec: Decomposition, x_embedded: torch.Tensor, k: int | None = None) -> torch.Tensor:
-    """sum_{i<k} lam_ai (q_ai . x)^2 per class: x (N, d) -> (N, C). k=None uses all."""
+    """sum_{i<k} eigval_ai (q_ai . x)^2 per class: x (N, d) -> (N, C). k=None uses all."""
     return surrogate_terms(dec, x_embedded, k).sum(-1)
 
 
 def contributions(dec: Decomposition, img: torch.Tensor) -> torch.Tensor:
-    """Explanation of one input: (C, d) with [a, i] = lam_ai (q_ai . E img)^2.
+    """Explanation of one input: (C, d) with [a, i] = eigval_ai (q_ai . E img)^2.
 
-    Row a sums to the surrogate logit of class a; columns follow the |lam| order.
+    Row a sums to the surrogate logit of class a; columns follow the |eigval| order.
     """
     x = dec.embed_images(img)
     if x.shape[0] != 1:
@@ -377,7 +381,7 @@ def cosine_per_rank(dec_a: Decomposition, dec_b: Decomposition, space: str = "pi
 def cosine_best_match(dec_a: Decomposition, dec_b: Decomposition, within: int | None = None) -> torch.Tensor:
     """(C, r_a): for each eigenvector of A, the largest |cos| (pixel space) with any of B's top-`within`
     eigenvectors of the same class (all when None). A complement to `cosine_per_rank`: high here but
-    low per rank means the same features with swapped ranks (near-equal |lambda|), not different ones.
+    low per rank means the same features with swapped ranks (near-equal |eigval|), not different ones.
     """
     b = dec_b.pixel if within is None else dec_b.pixel[:, :within]
     return torch.einsum("akp,ajp->akj", dec_a.pixel, b).abs().amax(-1)
