@@ -97,19 +97,19 @@ def test_direction_matrix_is_the_sum_over_units_symmetric_and_eigen_reconstructs
     torch.testing.assert_close(B, B.T, rtol=0, atol=0)
     spec = Spectrum.of(B)
     torch.testing.assert_close(spec.reconstruct(), B, rtol=0, atol=1e-12)
-    lam = spec.eigenvalues
-    assert (lam[:-1] >= lam[1:]).all()  # signed, descending
+    eigvals = spec.eigenvalues
+    assert (eigvals[:-1] >= eigvals[1:]).all()  # signed, descending
     pos, _ = spec.side("positive", 3)
     neg, _ = spec.side("negative", 3)
-    torch.testing.assert_close(pos, lam[lam > 0][:3])
-    torch.testing.assert_close(neg, lam[lam < 0].flip(0)[:3])  # most negative first
-    assert (neg < 0).all() and neg[0] == lam.min()
-    lam_abs, Q_abs = spec.by_abs()
-    assert (lam_abs.abs()[:-1] >= lam_abs.abs()[1:]).all()
-    torch.testing.assert_close(torch.einsum("k,kj,kl->jl", lam_abs, Q_abs, Q_abs), B, rtol=0, atol=1e-12)
+    torch.testing.assert_close(pos, eigvals[eigvals > 0][:3])
+    torch.testing.assert_close(neg, eigvals[eigvals < 0].flip(0)[:3])  # most negative first
+    assert (neg < 0).all() and neg[0] == eigvals.min()
+    eigvals_abs, Q_abs = spec.by_abs()
+    assert (eigvals_abs.abs()[:-1] >= eigvals_abs.abs()[1:]).all()
+    torch.testing.assert_close(torch.einsum("k,kj,kl->jl", eigvals_abs, Q_abs, Q_abs), B, rtol=0, atol=1e-12)
     # batched eig_signed agrees with the single one
-    lam_b, _ = eig_signed(direction_matrices(W, V, P, torch.stack([u, 2 * u])))
-    torch.testing.assert_close(lam_b[1], 2 * lam)
+    eigvals_b, _ = eig_signed(direction_matrices(W, V, P, torch.stack([u, 2 * u])))
+    torch.testing.assert_close(eigvals_b[1], 2 * eigvals)
 
 
 def test_direction_norms_without_forming_the_matrices():

@@ -44,6 +44,7 @@ from sqs.interp.readings import (  # noqa: F401
     unit_affine,
     unit_gains,
     unit_reading,
+    unit_weights,
 )
 from sqs.interp.layer_readings import (  # noqa: F401
     GLUWeights,
@@ -91,7 +92,7 @@ from sqs.interp.image_stack import (  # noqa: F401
     surrogate_trace,
     trace,
 )
-from sqs.interp.compare import compare_models, stack_agreement, summary_brief  # noqa: F401
+from sqs.interp.compare import compare_models, compare_read, stack_agreement, summary_brief  # noqa: F401
 
 from sqs.interp.lm_quadratic import GAIN_READING as LM_GAIN_READING  # noqa: F401,E402
 from sqs.interp.lm_quadratic import (  # noqa: F401,E402

@@ -72,7 +72,8 @@ def compare_models(model_a, model_b, fit_images: torch.Tensor, images: torch.Ten
     """Fair metrics between the most faithful readings of two image models, in the order given.
 
     Both models are read on `fit_images` (training) and measured on (images, labels) (held out) with
-    `image_stack.read_model`; each is compared through its best reading. Returns
+    `image_stack.read_model`; each is compared through its best reading (`compare_read`, which takes
+    `read_model` results you already have). Returns
 
         {"a": {"gate", "gate_kwargs", "layers", "reading" (the best reading's name), "order", "logit_r2",
                "surrogate_acc", "agreement", "model_acc", "fidelity": {reading: {...}}},
@@ -84,18 +85,25 @@ def compare_models(model_a, model_b, fit_images: torch.Tensor, images: torch.Ten
          "per_class": the full per-class arrays (numpy) of the agreement,
          "decompositions": (dec_a, dec_b) in pixel space for figures (None for deeper models)}
     """
-    reads = [read_model(m, fit_images, images, labels, readings=readings, key=key, **fit_kwargs)
-             for m in (model_a, model_b)]
-    best = [r["readings"][r["best"]] for r in reads]
+    read_a, read_b = (read_model(m, fit_images, images, labels, readings=readings, key=key, **fit_kwargs)
+                      for m in (model_a, model_b))
+    return compare_read(model_a, read_a, model_b, read_b, images, k=k)
+
+
+@torch.no_grad()
+def compare_read(model_a, read_a: dict, model_b, read_b: dict, probe_images: torch.Tensor, k: int = DEFAULT_K) -> dict:
+    """`compare_models` from `image_stack.read_model` results of the two models (each compared through its
+    "best" reading); `probe_images` (held-out) serve the profiles of models deeper than one layer."""
+    best = [r["readings"][r["best"]] for r in (read_a, read_b)]
     decs: tuple[Decomposition, Decomposition] | None = None
-    if len(model_a.layers) == 1 and len(model_b.layers) == 1 and not model_a.residual and not model_b.residual:
+    one_layer = all(len(m.layers) == 1 and not m.residual for m in (model_a, model_b))
+    if one_layer:
         decs = (decomposition(model_a, best[0]), decomposition(model_b, best[1]))
         per_class = agreement(decs[0], decs[1], k=k)
         summary = summarise([per_class], extra=("form_cosine", "form_cosine_centered"))
-        space = "pixel"
     else:
-        per_class = stack_agreement(model_a, best[0], model_b, best[1], images, k=k)
+        per_class = stack_agreement(model_a, best[0], model_b, best[1], probe_images, k=k)
         summary = summarise([per_class])
-        space = "probe profiles"
-    return {"a": _model_brief(model_a, reads[0]), "b": _model_brief(model_b, reads[1]), "space": space,
-            **summary_brief(summary), "per_class": per_class, "decompositions": decs}
+    return {"a": _model_brief(model_a, read_a), "b": _model_brief(model_b, read_b),
+            "space": "pixel" if one_layer else "probe profiles", **summary_brief(summary), "per_class": per_class,
+            "decompositions": decs}
