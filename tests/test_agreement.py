@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sqs.interp.agreement import SIDES, agreement, agreement_summary, form_cosine, pairings, side_indices
-from sqs.interp.spectra import cosine_per_rank, decompose
+from sqs.interp.spectra import cosine_per_rank, decompose, forms_decomposition, to_homogeneous
 from sqs.models.image import ImageClassifier, ImageModelConfig
 
 D, C, PIX = 16, 10, 784
@@ -166,3 +166,15 @@ def test_pairings_and_abs_view_match_cosine_per_rank():
         assert np.all((s["overlap"] > 0) & (s["overlap"] <= 1 + 1e-12))
     with pytest.raises(ValueError, match="k must be"):
         agreement(decs[0], decs[1], k=0)
+
+
+def test_form_cosine_of_the_quadratic_part_ignores_a_linear_part(planted_pair):
+    da, _ = planted_pair
+    lifted = to_homogeneous(da)
+    B = lifted.B.clone()
+    B[:, :-1, -1] = B[:, -1, :-1] = 0.3  # the same quadratic part plus a linear part
+    with_linear = forms_decomposition(B, da.embed, da.gate, False, "affine", method="affine", homogeneous=True)
+    full = form_cosine(with_linear, lifted)
+    assert np.all(full < 0.999) and np.all(full > 0)
+    np.testing.assert_allclose(form_cosine(with_linear, lifted, quadratic_only=True), 1.0, atol=1e-12)
+    np.testing.assert_allclose(form_cosine(lifted, da), 1.0, atol=1e-12)  # padding changes nothing

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from sqs.interp.spectra import Decomposition
+from sqs.interp.spectra import Decomposition, to_homogeneous
 
 SIDES = ("positive", "negative", "abs")
 DEFAULT_K = 10
@@ -110,18 +110,33 @@ def _side_pair(ua: torch.Tensor, ub: torch.Tensor, k: int) -> dict:
     return {"per_rank": per_rank, "best_match": best, "match": match, "overlap": overlap, "n_a": ka, "n_b": kb}
 
 
-def form_cosine(dec_a: Decomposition, dec_b: Decomposition, centered: bool = False) -> np.ndarray:
+def same_space(dec_a: Decomposition, dec_b: Decomposition) -> tuple[Decomposition, Decomposition]:
+    """Both decompositions in one space: a plain one is lifted to [x; 1] (`spectra.to_homogeneous`, which
+    changes no form) when the other is homogeneous."""
+    if dec_a.homogeneous == dec_b.homogeneous:
+        return dec_a, dec_b
+    return to_homogeneous(dec_a), to_homogeneous(dec_b)
+
+
+def form_cosine(dec_a: Decomposition, dec_b: Decomposition, centered: bool = False,
+                quadratic_only: bool = False) -> np.ndarray:
     """(C,) signed cosine between the pixel-space forms M_a = E_A^T B_a E_A and E_B^T B'_a E_B.
 
     <M, M'>_F = tr(B G B' G^T) with G = E_A E_B^T (d_A x d_B); no 784 x 784 matrix is formed.
-    centered: subtract each model's mean form over classes first.
+    centered: subtract each model's mean form over classes first. Forms in [x; 1] (homogeneous)
+    compare with their linear part; quadratic_only drops it (the last row and column), comparing
+    the pure quadratic parts: a reading with a large linear part (a saturating gate read as
+    a_i + b_i v) can share its quadratic features with a model that has none.
     """
     if dec_a.n_classes != dec_b.n_classes:
         raise ValueError(f"form_cosine: {dec_a.n_classes} vs {dec_b.n_classes} classes")
+    dec_a, dec_b = same_space(dec_a, dec_b)
     if dec_a.embed.shape[1] != dec_b.embed.shape[1]:
         raise ValueError(f"form_cosine: {dec_a.embed.shape[1]} vs {dec_b.embed.shape[1]} pixels")
     Ea, Eb = dec_a.embed.to(torch.float64), dec_b.embed.to(torch.float64)
     Ba, Bb = dec_a.B.to(torch.float64), dec_b.B.to(torch.float64)
+    if quadratic_only:
+        Ba, Bb = (_quadratic_part(B) if d.homogeneous else B for B, d in ((Ba, dec_a), (Bb, dec_b)))
     if centered:
         Ba, Bb = Ba - Ba.mean(0, keepdim=True), Bb - Bb.mean(0, keepdim=True)
 
@@ -132,6 +147,14 @@ def form_cosine(dec_a: Decomposition, dec_b: Decomposition, centered: bool = Fal
     num = inner(Ba, Ea, Bb, Eb)
     den = (inner(Ba, Ea, Ba, Ea) * inner(Bb, Eb, Bb, Eb)).sqrt()
     return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, math.nan)).numpy()
+
+
+def _quadratic_part(B: torch.Tensor) -> torch.Tensor:
+    """A form in [x; 1] without its linear and constant part (last row and column set to 0)."""
+    B = B.clone()
+    B[..., -1, :] = 0.0
+    B[..., :, -1] = 0.0
+    return B
 
 
 def vector_agreement(eig_a: torch.Tensor, vec_a: torch.Tensor, eig_b: torch.Tensor, vec_b: torch.Tensor,
@@ -171,6 +194,7 @@ def agreement(dec_a: Decomposition, dec_b: Decomposition, k: int = DEFAULT_K, to
     k = _check_k(k)
     if dec_a.n_classes != dec_b.n_classes:
         raise ValueError(f"agreement: {dec_a.n_classes} vs {dec_b.n_classes} classes")
+    dec_a, dec_b = same_space(dec_a, dec_b)
     out = vector_agreement(dec_a.eigenvalues, dec_a.pixel, dec_b.eigenvalues, dec_b.pixel, k=k, tol=tol)
     out["form_cosine"] = form_cosine(dec_a, dec_b)
     out["form_cosine_centered"] = form_cosine(dec_a, dec_b, centered=True)

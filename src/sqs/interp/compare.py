@@ -11,7 +11,8 @@ changes nothing), so two models whose best readings differ still share one space
 
 - 1-layer models: per class in pixel space ([pixels; 1]), the measures of
   `sqs.interp.agreement.agreement` (signed sides, per rank, best one-to-one match, subspace
-  overlap, form cosine);
+  overlap, form cosine), and the form cosine of the quadratic parts alone (an affine reading of a
+  saturating gate carries a linear part a Bilinear model has not);
 - deeper models: the last layer's per-class forms (through the head) live in each model's own
   hidden space, so their eigenvectors are compared by their activation profiles over the same
   probe images (`agreement.profiles`: |correlation|); the form cosine is not defined there (None).
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from sqs.interp.agreement import DEFAULT_K, SIDES, agreement, profiles, summarise, vector_agreement
+from sqs.interp.agreement import DEFAULT_K, SIDES, agreement, form_cosine, profiles, summarise, vector_agreement
 from sqs.interp.image_stack import class_forms, decomposition, read_model, trace
 from sqs.interp.readings import READINGS
 from sqs.interp.spectra import Decomposition, eig_sorted
@@ -41,11 +42,12 @@ def _model_brief(model, read: dict) -> dict:
 def summary_brief(summary: dict) -> dict:
     """The means of an `agreement.summarise` result, the shape tables print: per side "per_rank" and
     "best_match" (lists over ranks 1..k, None where no class has the rank) and "overlap", plus
-    "form_cosine" and "form_cosine_centered" (None where not defined) and "n_pairs", "k"."""
+    "form_cosine", "form_cosine_centered" and "form_cosine_quadratic" (None where not defined) and
+    "n_pairs", "k"."""
     out = {"n_pairs": summary["n_pairs"], "k": summary["k"]}
     for side in SIDES:
         out[side] = {m: summary[side][m]["mean"] for m in ("per_rank", "best_match", "overlap")}
-    for m in ("form_cosine", "form_cosine_centered"):
+    for m in ("form_cosine", "form_cosine_centered", "form_cosine_quadratic"):
         out[m] = summary[m]["mean"] if m in summary else None
     return out
 
@@ -81,7 +83,8 @@ def compare_models(model_a, model_b, fit_images: torch.Tensor, images: torch.Ten
          "space": "pixel" (1-layer models) or "probe profiles" (deeper),
          "k", "n_pairs" (1),
          "positive" | "negative" | "abs": {"per_rank": [k], "best_match": [k], "overlap"}  (means over classes),
-         "form_cosine", "form_cosine_centered"  (None unless both models have 1 layer),
+         "form_cosine", "form_cosine_centered"  (None unless both models have 1 layer; forms in [x; 1],
+             linear part included), "form_cosine_quadratic" (the same without the linear parts),
          "per_class": the full per-class arrays (numpy) of the agreement,
          "decompositions": (dec_a, dec_b) in pixel space for figures (None for deeper models)}
     """
@@ -100,7 +103,8 @@ def compare_read(model_a, read_a: dict, model_b, read_b: dict, probe_images: tor
     if one_layer:
         decs = (decomposition(model_a, best[0]), decomposition(model_b, best[1]))
         per_class = agreement(decs[0], decs[1], k=k)
-        summary = summarise([per_class], extra=("form_cosine", "form_cosine_centered"))
+        per_class["form_cosine_quadratic"] = form_cosine(decs[0], decs[1], quadratic_only=True)
+        summary = summarise([per_class], extra=("form_cosine", "form_cosine_centered", "form_cosine_quadratic"))
     else:
         per_class = stack_agreement(model_a, best[0], model_b, best[1], probe_images, k=k)
         summary = summarise([per_class])
