@@ -10,22 +10,22 @@ import pytest
 import torch
 
 from sqs.interp.agreement import SIDES, agreement, agreement_summary, form_cosine, pairings, side_indices
-from sqs.interp.spectra import cosine_per_rank, decompose
+from sqs.interp.spectra import cosine_per_rank, decompose, forms_decomposition, to_homogeneous
 from sqs.models.image import ImageClassifier, ImageModelConfig
 
 D, C, PIX = 16, 10, 784
 F64 = torch.float64
 
 
-def planted_model(Q: torch.Tensor, lam: torch.Tensor, E: torch.Tensor) -> ImageClassifier:
-    """Bilinear model with B_a = sum_i lam[a, i] q_i q_i^T (rows q_i of Q) and embedding E."""
+def planted_model(Q: torch.Tensor, eigvals: torch.Tensor, E: torch.Tensor) -> ImageClassifier:
+    """Bilinear model with B_a = sum_i eigvals[a, i] q_i q_i^T (rows q_i of Q) and embedding E."""
     d = Q.shape[0]
     model = ImageClassifier(ImageModelConfig(d_model=d, d_hidden=d, gate="bilinear")).double().eval()
     with torch.no_grad():
         model.embed.weight.copy_(E)
         model.layers[0].proj.weight.copy_(torch.cat([Q, Q]))  # W = V = Q
         model.layers[0].out.weight.copy_(torch.eye(d, dtype=F64))  # P = I
-        model.head.weight.copy_(lam)  # (H P)_ai = lam_ai
+        model.head.weight.copy_(eigvals)  # (H P)_ai = eigval_ai
     return model
 
 
@@ -39,7 +39,7 @@ def planted_pair():
     with eigenvector signs flipped and eigenvalues swapped between neighbouring ranks.
 
     Per class: 8 positive eigenvalues (8..1 times a class scale) on q_0..q_7 and 8 negative
-    (-7.5..-0.5) on q_8..q_15, so the |lambda| order interleaves the signs. Model B gives
+    (-7.5..-0.5) on q_8..q_15, so the |eigval| order interleaves the signs. Model B gives
     q_0 the eigenvalue of q_1 and vice versa, q_2 <-> q_3, ..., on both sides.
     """
     g = torch.Generator().manual_seed(0)
@@ -49,12 +49,12 @@ def planted_pair():
     E_b = R @ E_a  # another embedding of the same pixels
     Q = random_orthogonal(D, g)  # rows q_i (embedding space of A)
     base = torch.cat([torch.arange(8, 0, -1, dtype=F64), -torch.arange(7.5, 0, -1, dtype=F64)])
-    lam_a = torch.stack([base * (1 + 0.1 * a) for a in range(C)])
+    eigvals_a = torch.stack([base * (1 + 0.1 * a) for a in range(C)])
     swap = torch.arange(D).view(-1, 2).flip(-1).flatten()  # 1, 0, 3, 2, ...
-    lam_b = lam_a[:, swap]
+    eigvals_b = eigvals_a[:, swap]
     signs = torch.where(torch.rand(D, generator=g) < 0.5, -1.0, 1.0).to(F64)
     Q_b = (Q @ R.T) * signs[:, None]  # q_b = s R q: the same pixel vector E_b^T q_b = s E_a^T q
-    return decompose(planted_model(Q, lam_a, E_a)), decompose(planted_model(Q_b, lam_b, E_b))
+    return decompose(planted_model(Q, eigvals_a, E_a)), decompose(planted_model(Q_b, eigvals_b, E_b))
 
 
 def test_swapped_ranks_and_flipped_signs_agree_by_match_and_subspace_not_by_rank(planted_pair):
@@ -68,7 +68,7 @@ def test_swapped_ranks_and_flipped_signs_agree_by_match_and_subspace_not_by_rank
         np.testing.assert_array_equal(s["match"], np.tile([1, 0, 3, 2], (C, 1)))
         np.testing.assert_allclose(s["overlap"], 1.0, atol=1e-10)
         np.testing.assert_array_equal(s["n_a"], 4)
-    # the old |lambda| view: ranks alternate sign, so the top-4 sets differ (8, -7.5, 7, -6.5 vs 7, -6.5, 8, -7.5 ...)
+    # the old |eigval| view: ranks alternate sign, so the top-4 sets differ (8, -7.5, 7, -6.5 vs 7, -6.5, 8, -7.5 ...)
     assert np.all(ag["abs"]["per_rank"] < 1e-10)
     np.testing.assert_allclose(ag["abs"]["overlap"], 1.0, atol=1e-10)
     # a top-3 cut splits a swapped pair: the subspaces share 2 of 3 directions, best match finds them
@@ -166,3 +166,15 @@ def test_pairings_and_abs_view_match_cosine_per_rank():
         assert np.all((s["overlap"] > 0) & (s["overlap"] <= 1 + 1e-12))
     with pytest.raises(ValueError, match="k must be"):
         agreement(decs[0], decs[1], k=0)
+
+
+def test_form_cosine_of_the_quadratic_part_ignores_a_linear_part(planted_pair):
+    da, _ = planted_pair
+    lifted = to_homogeneous(da)
+    B = lifted.B.clone()
+    B[:, :-1, -1] = B[:, -1, :-1] = 0.3  # the same quadratic part plus a linear part
+    with_linear = forms_decomposition(B, da.embed, da.gate, False, "affine", method="affine", homogeneous=True)
+    full = form_cosine(with_linear, lifted)
+    assert np.all(full < 0.999) and np.all(full > 0)
+    np.testing.assert_allclose(form_cosine(with_linear, lifted, quadratic_only=True), 1.0, atol=1e-12)
+    np.testing.assert_allclose(form_cosine(lifted, da), 1.0, atol=1e-12)  # padding changes nothing

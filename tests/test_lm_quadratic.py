@@ -20,6 +20,7 @@ from sqs.interp.lm_quadratic import (
     glu_weights,
     layer_inputs,
     lm_fidelity,
+    lm_reading_fidelity,
     max_activating,
     mean_inv_rms,
     orient,
@@ -30,8 +31,8 @@ from sqs.interp.lm_quadratic import (
     token_inputs,
     top_promoted,
 )
-from sqs.interp.readings import unit_gains
-from sqs.interp.spectra import NotQuadratic, UnsupportedGate, quadratic_form
+from sqs.interp.readings import READINGS, homogeneous, quadratic_form, unit_gains
+from sqs.interp.spectra import NotQuadratic, UnsupportedGate
 from sqs.models.gpt import GPT, GPTConfig
 from sqs.nn import GLU, SQS
 
@@ -96,19 +97,19 @@ def test_direction_matrix_is_the_sum_over_units_symmetric_and_eigen_reconstructs
     torch.testing.assert_close(B, B.T, rtol=0, atol=0)
     spec = Spectrum.of(B)
     torch.testing.assert_close(spec.reconstruct(), B, rtol=0, atol=1e-12)
-    lam = spec.eigenvalues
-    assert (lam[:-1] >= lam[1:]).all()  # signed, descending
+    eigvals = spec.eigenvalues
+    assert (eigvals[:-1] >= eigvals[1:]).all()  # signed, descending
     pos, _ = spec.side("positive", 3)
     neg, _ = spec.side("negative", 3)
-    torch.testing.assert_close(pos, lam[lam > 0][:3])
-    torch.testing.assert_close(neg, lam[lam < 0].flip(0)[:3])  # most negative first
-    assert (neg < 0).all() and neg[0] == lam.min()
-    lam_abs, Q_abs = spec.by_abs()
-    assert (lam_abs.abs()[:-1] >= lam_abs.abs()[1:]).all()
-    torch.testing.assert_close(torch.einsum("k,kj,kl->jl", lam_abs, Q_abs, Q_abs), B, rtol=0, atol=1e-12)
+    torch.testing.assert_close(pos, eigvals[eigvals > 0][:3])
+    torch.testing.assert_close(neg, eigvals[eigvals < 0].flip(0)[:3])  # most negative first
+    assert (neg < 0).all() and neg[0] == eigvals.min()
+    eigvals_abs, Q_abs = spec.by_abs()
+    assert (eigvals_abs.abs()[:-1] >= eigvals_abs.abs()[1:]).all()
+    torch.testing.assert_close(torch.einsum("k,kj,kl->jl", eigvals_abs, Q_abs, Q_abs), B, rtol=0, atol=1e-12)
     # batched eig_signed agrees with the single one
-    lam_b, _ = eig_signed(direction_matrices(W, V, P, torch.stack([u, 2 * u])))
-    torch.testing.assert_close(lam_b[1], 2 * lam)
+    eigvals_b, _ = eig_signed(direction_matrices(W, V, P, torch.stack([u, 2 * u])))
+    torch.testing.assert_close(eigvals_b[1], 2 * eigvals)
 
 
 def test_direction_norms_without_forming_the_matrices():
@@ -312,3 +313,46 @@ def test_split_windows_keeps_windows_whole():
     assert a.shape[0] == 3 and b.shape[0] == 2 and torch.equal(torch.cat([a, b]), n)
     with pytest.raises(ValueError, match="fit_frac"):
         split_windows(n[:1])
+
+
+# --------------------------------------------------------------------------- the reading protocol (every gate)
+
+
+def test_every_reading_is_exact_on_a_bilinear_gpt_layer():
+    model = tiny_gpt("bilinear")
+    idx = torch.randint(0, 50, (8, 12), generator=torch.Generator().manual_seed(40))
+    acts = layer_inputs(model, idx, batch_size=4)
+    U = token_directions(model.tok_emb.weight, model.norm.weight, [3, 9, 17], mean_inv_rms(acts.final))
+    for layer, block in enumerate(model.blocks):
+        W, V, P, gate, kw = glu_weights(block.mlp)
+        n_fit, n_eval = split_windows(acts.pre_mlp[layer])
+        res = lm_reading_fidelity(W, V, P, gate, kw, U, n_fit, n_eval, ks=(1, None))
+        assert res["exact"] and res["best"] == "first-order" and set(res["order"]) == set(READINGS)
+        for reading in READINGS:
+            assert res[reading]["r2"] == pytest.approx(1.0, abs=1e-9), (layer, reading)
+            assert res[reading]["truncated"]["all"]["r2"] == pytest.approx(1.0, abs=1e-9)
+            assert res["forms"][reading].shape == (3, 17, 17)
+        n = acts.pre_mlp[layer].reshape(-1, 16)  # the forms are the layer's direct contribution, in [n; 1]
+        torch.testing.assert_close(quadratic_form(res["forms"]["affine"], homogeneous(n)), block.mlp(n) @ U.T,
+                                   rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("gate", ["relu", "gelu", "swiglu", "sqs"])
+def test_lm_readings_read_every_gate_on_training_tokens_only(gate):
+    W, V, P, gate, kw = glu_weights(make_glu(gate, seed=41))
+    n = 3.0 * randn(24, 16, D, seed=42) + 0.5
+    n_fit, n_eval = split_windows(n)
+    U = randn(4, D, seed=43)
+    res = lm_reading_fidelity(W, V, P, gate, kw, U, n_fit, n_eval, readings=("first-order", "gain", "affine"), ks=())
+    assert ("first-order" in res) == (gate != "relu")  # ReLU has no first-order reading
+    assert res["best"] == res["order"][0] and res["affine"]["r2"] >= res["gain"]["r2"] - 0.05
+    if gate == "sqs":  # unweighted, the gain reading is lm_fidelity's gain reading, padded with zeros
+        plain = lm_reading_fidelity(W, V, P, gate, kw, U, n_fit, n_eval, readings=("gain",), ks=(), weighted=False)
+        assert plain["gain"]["r2"] == pytest.approx(lm_fidelity(W, V, P, gate, kw, U, n_fit, n_eval)["gain"]["r2"],
+                                                    abs=1e-10)
+    other_eval = lm_reading_fidelity(W, V, P, gate, kw, U, n_fit, randn(4, 16, D, seed=44), readings=("affine",),
+                                     ks=())
+    other_fit = lm_reading_fidelity(W, V, P, gate, kw, U, randn(12, 16, D, seed=45), n_eval, readings=("affine",),
+                                    ks=())
+    assert torch.equal(other_eval["forms"]["affine"], res["forms"]["affine"])
+    assert not torch.allclose(other_fit["forms"]["affine"], res["forms"]["affine"])

@@ -11,19 +11,21 @@ from sqs.interp.readings import (
     READINGS,
     fit_quadratic_forms,
     quadratic_features,
+    quadratic_form,
     sym_to_vec,
     unit_gains,
     vec_to_sym,
 )
 from sqs.interp.spectra import (
+    AFFINE_READING,
     EXACT_READING,
     FIT_READING,
     GAIN_READING,
     UnsupportedGate,
     decompose,
     fidelity,
-    quadratic_form,
     rank_readings,
+    to_homogeneous,
 )
 from sqs.models.image import ImageClassifier, ImageModelConfig
 
@@ -104,9 +106,10 @@ def test_every_reading_reduces_to_the_exact_bilinear_decomposition(gate, kw):
     for reading in READINGS:
         dec = decompose(model, reading=reading, fit_images=train)
         assert dec.exact and dec.reading == EXACT_READING and dec.method == reading and dec.label.endswith("(exact)")
+        ref = to_homogeneous(exact) if dec.homogeneous else exact  # affine: the same form padded in [x; 1]
         scale = exact.B.abs().max()
-        torch.testing.assert_close(dec.B, exact.B, rtol=0, atol=1e-10 * scale)
-        torch.testing.assert_close(dec.eigenvalues, exact.eigenvalues, rtol=0, atol=1e-9 * scale)
+        torch.testing.assert_close(dec.B, ref.B, rtol=0, atol=1e-10 * scale)
+        torch.testing.assert_close(dec.eigenvalues, ref.eigenvalues, rtol=0, atol=1e-9 * scale)
     # even without the gain prior the least-squares fit finds the exact form (noiseless quadratic data)
     free = decompose(model, reading="fit", fit_images=train, fit_prior="none", ridge=1e-12)
     torch.testing.assert_close(free.B, exact.B, rtol=0, atol=1e-6 * exact.B.abs().max())
@@ -149,7 +152,8 @@ def test_gain_and_fit_readings_beat_first_order_in_the_shrink_regime():
     assert r2["first-order"] < 0.0
     assert r2["gain"] > 0.8 and r2["fit"] > r2["gain"] + 0.03
     assert fid["fit"]["agreement"] > fid["first-order"]["agreement"] + 0.03
-    assert ranked["best"] == "fit" and ranked["order"] == ["fit", "gain", "first-order"]
+    assert ranked["best"] == "fit" and ranked["order"] == ["fit", "affine", "gain", "first-order"]
+    assert r2["affine"] > r2["gain"]
     decs = ranked["decompositions"]
     assert decs["gain"].reading == GAIN_READING and decs["gain"].label == "SQS (gain reading)"
     assert decs["fit"].reading == FIT_READING and decs["fit"].label == "SQS (least-squares reading)"
@@ -159,7 +163,7 @@ def test_gain_and_fit_readings_beat_first_order_in_the_shrink_regime():
     json.dumps({r: f for r, f in fid.items()})
 
 
-def test_exact_models_rank_the_simplest_reading_first_and_unsupported_gates_are_refused():
+def test_exact_models_rank_the_simplest_reading_first_and_fitted_readings_read_every_gate():
     model = make_model("bilinear", seed=13)
     train, test = images(300, 14), images(100, 15)
     labels = torch.zeros(100, dtype=torch.long)
@@ -167,9 +171,10 @@ def test_exact_models_rank_the_simplest_reading_first_and_unsupported_gates_are_
     assert ranked["best"] == "first-order"  # all exact (R^2 = 1 within float error): the simplest wins
     assert all(f["logit_r2"] == pytest.approx(1.0, abs=1e-9) for f in ranked["fidelity"].values())
     relu = make_model("relu", seed=13)
-    with pytest.raises(UnsupportedGate):
-        decompose(relu, reading="fit", fit_images=train)
-    forced = decompose(relu, reading="fit", fit_images=train, force=True)
-    assert "forced" in forced.reading and "fit" in forced.reading
-    assert fidelity(relu, forced, test, labels)["logit_r2"] > \
-        fidelity(relu, decompose(relu, force=True), test, labels)["logit_r2"]
+    with pytest.raises(UnsupportedGate, match="fitted reading"):  # ReLU has no first-order reading
+        decompose(relu)
+    fitted = decompose(relu, reading="affine", fit_images=train)  # the fitted readings need no force
+    assert fitted.reading == AFFINE_READING and fitted.label == "ReLU (affine reading)" and fitted.homogeneous
+    forced = decompose(relu, force=True)
+    assert "forced" in forced.reading
+    assert fidelity(relu, fitted, test, labels)["logit_r2"] > fidelity(relu, forced, test, labels)["logit_r2"]

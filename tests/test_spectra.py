@@ -18,10 +18,9 @@ from sqs.interp.spectra import (
     cosine_per_rank,
     decompose,
     fidelity,
-    interaction_matrices,
-    quadratic_form,
     surrogate_logits,
 )
+from sqs.interp.readings import interaction_matrices, quadratic_form
 from sqs.models.image import ImageClassifier, ImageModelConfig
 
 D, H, C, PIX = 16, 24, 10, 784
@@ -85,19 +84,19 @@ def test_hand_built_eigenvectors_are_recovered():
     g = torch.Generator().manual_seed(4)
     Q, _ = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))  # columns orthonormal
     Q = Q.T  # rows q_i
-    # distinct |lambda| per class, mixed signs
-    lam = torch.stack([torch.linspace(3.0, 0.1, D, dtype=torch.float64)[torch.randperm(D, generator=g)]
-                       * torch.where(torch.rand(D, generator=g) < 0.5, -1.0, 1.0).double() for _ in range(C)])
+    # distinct |eigval| per class, mixed signs
+    eigvals = torch.stack([torch.linspace(3.0, 0.1, D, dtype=torch.float64)[torch.randperm(D, generator=g)]
+                           * torch.where(torch.rand(D, generator=g) < 0.5, -1.0, 1.0).double() for _ in range(C)])
     E = torch.zeros(D, PIX, dtype=torch.float64)
     E[torch.arange(D), torch.arange(D) * 7] = 1.0  # orthonormal rows: pixel space = embedding space
     with torch.no_grad():
         model.embed.weight.copy_(E)
         model.layers[0].proj.weight.copy_(torch.cat([Q, Q]))  # W = V = Q
         model.layers[0].out.weight.copy_(torch.eye(D, dtype=torch.float64))  # P = I
-        model.head.weight.copy_(lam)  # (H P)_ai = lambda_ai
+        model.head.weight.copy_(eigvals)  # (H P)_ai = eigval_ai
     dec = decompose(model)
-    order = lam.abs().argsort(-1, descending=True)
-    torch.testing.assert_close(dec.eigenvalues, lam.gather(-1, order))
+    order = eigvals.abs().argsort(-1, descending=True)
+    torch.testing.assert_close(dec.eigenvalues, eigvals.gather(-1, order))
     for a in range(C):
         expect = Q[order[a]]  # (D, D) rows in |lambda| order
         cos = (dec.eigenvectors[a] * expect).sum(-1)

@@ -1,12 +1,12 @@
 """Fair agreement between two models' features (eigenvectors of their quadratic forms).
 
-Comparing eigenvectors rank by rank after sorting by |lambda| mixes the two signs (the
-largest |lambda| of a class may be negative in one model and positive in the other) and
+Comparing eigenvectors rank by rank after sorting by |eigval| mixes the two signs (the
+largest |eigval| of a class may be negative in one model and positive in the other) and
 lets near-equal eigenvalues swap ranks. So, per class, in pixel space (u = E^T q: two
 models have different embeddings E, only pixel-space pictures are comparable), float64:
 
-- sides: "positive" (lambda > 0, largest first), "negative" (lambda < 0, most negative
-  first), and "abs" (the |lambda| order of `Decomposition`, kept as a secondary view);
+- sides: "positive" (eigval > 0, largest first), "negative" (eigval < 0, most negative
+  first), and "abs" (the |eigval| order of `Decomposition`, kept as a secondary view);
 - per_rank: |cos| between the eigenvectors of equal rank within a side;
 - best_match: |cos| of the optimal one-to-one assignment between the two top-k sets
   (`scipy.optimize.linear_sum_assignment`, maximising the summed |cos|), per rank of A;
@@ -18,7 +18,7 @@ models have different embeddings E, only pixel-space pictures are comparable), f
   d x d traces, never forming 784 x 784; form_cosine_centered does the same after
   subtracting each model's mean form over classes (the part softmax ignores).
 
-A side with fewer than k eigenvalues of its sign (|lambda| <= tol * max|lambda| counts as
+A side with fewer than k eigenvalues of its sign (|eigval| <= tol * max|eigval| counts as
 zero, i.e. numerically null directions belong to no side) reports only the ranks that
 exist: per_rank entries beyond min(ka, kb) and best_match entries of A's ranks beyond
 min(ka, kb) (or beyond ka) are NaN, the overlap averages over min(ka, kb) canonical
@@ -26,9 +26,10 @@ angles and is NaN when a side is empty. Summaries skip NaN and report how many
 (pair, class) values each rank rests on.
 
 The matching itself (`vector_agreement`, `summarise`) takes any per-side unit vectors in a
-space both models share; `sqs.interp.lm_quadratic.token_profiles` gives a language model's
-eigenvectors as centred token-projection profiles over the vocabulary, so the same code
-compares two decoders by the correlation of those profiles.
+space both models share; `profiles` gives eigenvectors that live in different input spaces
+(two decoders' residual streams, two deep image models' hidden layers) as centred projection
+profiles over shared probe inputs (tokens, test images), so the same code compares them by the
+correlation of those profiles.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from sqs.interp.spectra import Decomposition
+from sqs.interp.spectra import Decomposition, to_homogeneous
 
 SIDES = ("positive", "negative", "abs")
 DEFAULT_K = 10
@@ -54,23 +55,41 @@ def _check_k(k: int) -> int:
 
 
 def side_indices(eigenvalues: torch.Tensor, side: str, k: int, tol: float = ZERO_TOL) -> list[torch.Tensor]:
-    """Per class, indices (into the |lambda|-sorted eigenvalues) of the top-k of a side.
+    """Per class, indices (into the |eigval|-sorted eigenvalues) of the top-k of a side.
 
-    positive: lambda > tol * max|lambda|, largest first; negative: lambda < -tol * max|lambda|,
-    most negative first; abs: the first k of the |lambda| order. Lists may be shorter than k.
+    positive: eigval > tol * max|eigval|, largest first; negative: eigval < -tol * max|eigval|,
+    most negative first; abs: the first k of the |eigval| order. Lists may be shorter than k.
     """
     if side not in SIDES:
         raise ValueError(f"agreement: side must be one of {', '.join(SIDES)}, got {side!r}")
     out = []
-    for lam in eigenvalues.to(torch.float64):
+    for eigvals in eigenvalues.to(torch.float64):
         if side == "abs":
-            out.append(torch.arange(min(k, lam.shape[0])))
+            out.append(torch.arange(min(k, eigvals.shape[0])))
             continue
-        s = lam if side == "positive" else -lam
-        thresh = tol * float(lam.abs().max()) if lam.numel() else 0.0
+        s = eigvals if side == "positive" else -eigvals
+        thresh = tol * float(eigvals.abs().max()) if eigvals.numel() else 0.0
         idx = torch.nonzero(s > thresh).flatten()
         out.append(idx[s[idx].argsort(descending=True)][:k])
     return out
+
+
+def profiles(Q: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """Each eigenvector's projection on every row of X, centred over the rows and of unit norm.
+
+    Q (..., k, r) eigenvectors as rows, X (M, d) shared probe inputs (tokens, images) in the model's own
+    input space, r = d, or r = d + 1 for forms in [x; 1] (X then gets its constant 1 here) -> (..., k, M).
+    Two models' input bases differ, so their eigenvectors are compared through these profiles over the
+    same probes: the cosine of two centred unit profiles is their Pearson correlation.
+    """
+    X = X.to(torch.float64)
+    if Q.shape[-1] == X.shape[-1] + 1:
+        X = torch.cat([X, X.new_ones(X.shape[0], 1)], dim=-1)
+    if Q.shape[-1] != X.shape[-1]:
+        raise ValueError(f"profiles: eigenvectors of length {Q.shape[-1]} but probe inputs of width {X.shape[-1]}")
+    prof = Q.to(torch.float64) @ X.T
+    prof = prof - prof.mean(-1, keepdim=True)
+    return prof / prof.norm(dim=-1, keepdim=True).clamp_min(1e-300)
 
 
 def _side_pair(ua: torch.Tensor, ub: torch.Tensor, k: int) -> dict:
@@ -91,18 +110,33 @@ def _side_pair(ua: torch.Tensor, ub: torch.Tensor, k: int) -> dict:
     return {"per_rank": per_rank, "best_match": best, "match": match, "overlap": overlap, "n_a": ka, "n_b": kb}
 
 
-def form_cosine(dec_a: Decomposition, dec_b: Decomposition, centered: bool = False) -> np.ndarray:
+def same_space(dec_a: Decomposition, dec_b: Decomposition) -> tuple[Decomposition, Decomposition]:
+    """Both decompositions in one space: a plain one is lifted to [x; 1] (`spectra.to_homogeneous`, which
+    changes no form) when the other is homogeneous."""
+    if dec_a.homogeneous == dec_b.homogeneous:
+        return dec_a, dec_b
+    return to_homogeneous(dec_a), to_homogeneous(dec_b)
+
+
+def form_cosine(dec_a: Decomposition, dec_b: Decomposition, centered: bool = False,
+                quadratic_only: bool = False) -> np.ndarray:
     """(C,) signed cosine between the pixel-space forms M_a = E_A^T B_a E_A and E_B^T B'_a E_B.
 
     <M, M'>_F = tr(B G B' G^T) with G = E_A E_B^T (d_A x d_B); no 784 x 784 matrix is formed.
-    centered: subtract each model's mean form over classes first.
+    centered: subtract each model's mean form over classes first. Forms in [x; 1] (homogeneous)
+    compare with their linear part; quadratic_only drops it (the last row and column), comparing
+    the pure quadratic parts: a reading with a large linear part (a saturating gate read as
+    a_i + b_i v) can share its quadratic features with a model that has none.
     """
     if dec_a.n_classes != dec_b.n_classes:
         raise ValueError(f"form_cosine: {dec_a.n_classes} vs {dec_b.n_classes} classes")
+    dec_a, dec_b = same_space(dec_a, dec_b)
     if dec_a.embed.shape[1] != dec_b.embed.shape[1]:
         raise ValueError(f"form_cosine: {dec_a.embed.shape[1]} vs {dec_b.embed.shape[1]} pixels")
     Ea, Eb = dec_a.embed.to(torch.float64), dec_b.embed.to(torch.float64)
     Ba, Bb = dec_a.B.to(torch.float64), dec_b.B.to(torch.float64)
+    if quadratic_only:
+        Ba, Bb = (_quadratic_part(B) if d.homogeneous else B for B, d in ((Ba, dec_a), (Bb, dec_b)))
     if centered:
         Ba, Bb = Ba - Ba.mean(0, keepdim=True), Bb - Bb.mean(0, keepdim=True)
 
@@ -115,11 +149,19 @@ def form_cosine(dec_a: Decomposition, dec_b: Decomposition, centered: bool = Fal
     return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, math.nan)).numpy()
 
 
+def _quadratic_part(B: torch.Tensor) -> torch.Tensor:
+    """A form in [x; 1] without its linear and constant part (last row and column set to 0)."""
+    B = B.clone()
+    B[..., -1, :] = 0.0
+    B[..., :, -1] = 0.0
+    return B
+
+
 def vector_agreement(eig_a: torch.Tensor, vec_a: torch.Tensor, eig_b: torch.Tensor, vec_b: torch.Tensor,
                      k: int = DEFAULT_K, tol: float = ZERO_TOL) -> dict:
     """The per-side agreement of two models' features given as unit vectors in one shared space.
 
-    eig_a (C, d) eigenvalues in |lambda| order per group (class, token direction, ...); vec_a
+    eig_a (C, d) eigenvalues in |eigval| order per group (class, token direction, ...); vec_a
     (C, d, P) the matching features as unit vectors in a space both models share (pixel space
     for image classifiers; centred, unit token-projection profiles for language models, so
     that |cos| is |correlation|). Same for B. Returns {"k", "n_classes", "positive" |
@@ -152,6 +194,7 @@ def agreement(dec_a: Decomposition, dec_b: Decomposition, k: int = DEFAULT_K, to
     k = _check_k(k)
     if dec_a.n_classes != dec_b.n_classes:
         raise ValueError(f"agreement: {dec_a.n_classes} vs {dec_b.n_classes} classes")
+    dec_a, dec_b = same_space(dec_a, dec_b)
     out = vector_agreement(dec_a.eigenvalues, dec_a.pixel, dec_b.eigenvalues, dec_b.pixel, k=k, tol=tol)
     out["form_cosine"] = form_cosine(dec_a, dec_b)
     out["form_cosine_centered"] = form_cosine(dec_a, dec_b, centered=True)

@@ -11,7 +11,7 @@ layer, is c_u(n) = u . y. For the identity gate (the bilinear MLP) that is a qua
     c_u(n) = n^T B_u n,     B_u = sum_i (u . P_i) sym(w_i v_i^T)                     (1)
 
 (P_i is column i of P; only the symmetric part counts), so `eigh` reads it as
-sum_k lam_k (q_k . n)^2, exactly as `sqs.interp.spectra` reads the image classifiers'
+sum_k eigval_k (q_k . n)^2, exactly as `sqs.interp.spectra` reads the image classifiers'
 logits. For SQS, (1) with the gate taken as the identity is the paper's *first-order*
 reading; the *gain* reading scales unit i by its least-squares gain g_i
 (`sqs.interp.readings.unit_gains`, fitted on training windows) to account for the shrink:
@@ -31,7 +31,7 @@ probe, not the input the layer sees. `max_activating` uses the real n instead.
 Conventions, mirroring `sqs.interp.spectra`: all analysis in float64 on CPU; eigenvectors as
 rows; `eig_signed` orders eigenvalues signed, descending (the positive side from the top,
 the negative side read from the end, most negative first); `spectra.eig_sorted` gives the
-|lam| order used for top-k truncations.
+|eigval| order used for top-k truncations.
 """
 
 from __future__ import annotations
@@ -43,17 +43,18 @@ import torch
 import torch.nn.functional as F
 
 from sqs.functional import canonical_gate, gate_fn
-from sqs.interp.agreement import DEFAULT_K, ZERO_TOL, side_indices, vector_agreement
-from sqs.interp.readings import unit_gains
-from sqs.interp.spectra import (
-    DEFAULT_KS,
-    NotQuadratic,
-    eig_sorted,
-    gate_reading,
+from sqs.interp.agreement import DEFAULT_K, ZERO_TOL, profiles, side_indices, vector_agreement
+from sqs.interp.layer_readings import READING_DESCRIPTIONS, GLUWeights, best_reading, output_scores, read_layers
+from sqs.interp.readings import (
+    DEFAULT_RIDGE,
+    READINGS,
+    homogeneous,
     interaction_matrices,
     quadratic_form,
     r2,
+    unit_gains,
 )
+from sqs.interp.spectra import DEFAULT_KS, NotQuadratic, eig_sorted, gate_reading, is_exact_gate
 
 GAIN_READING = "gain (unit i scaled by its least-squares gate gain, fitted on training windows)"
 Decoder = Callable[[int], str]
@@ -209,9 +210,9 @@ def eig_signed(B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (..., d) in signed descending order and eigenvectors as rows (..., d, d).
 
     The positive side reads from the start (largest first), the negative side from the end
-    (most negative first); `spectra.eig_sorted` gives the |lam| order."""
-    lam, Q = torch.linalg.eigh(B.to(F64))  # ascending
-    return lam.flip(-1), Q.transpose(-1, -2).flip(-2)
+    (most negative first); `spectra.eig_sorted` gives the |eigval| order."""
+    eigvals, Q = torch.linalg.eigh(B.to(F64))  # ascending
+    return eigvals.flip(-1), Q.transpose(-1, -2).flip(-2)
 
 
 @dataclass
@@ -226,14 +227,14 @@ class Spectrum:
         return cls(*eig_signed(B))
 
     def side(self, side: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lam (k',), Q (k', d)): the k largest positive, or the k most negative, eigenpairs (k' <= k)."""
+        """(eigvals (k',), Q (k', d)): the k largest positive, or the k most negative, eigenpairs (k' <= k)."""
         if side not in ("positive", "negative"):
             raise ValueError(f"Spectrum.side: `side` must be 'positive' or 'negative', got {side!r}")
         idx = side_indices(self.eigenvalues[None], side, k, tol=0.0)[0]  # the image analysis' side rule
         return self.eigenvalues[idx], self.eigenvectors[idx]
 
     def by_abs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lam, Q) in |lam| descending order, as the image analysis and top-k truncations use."""
+        """(eigvals, Q) in |eigval| descending order, as the image analysis and top-k truncations use."""
         order = self.eigenvalues.abs().argsort(descending=True)
         return self.eigenvalues[order], self.eigenvectors[order]
 
@@ -326,7 +327,7 @@ def max_activating(n: torch.Tensor, q: torch.Tensor, idx: torch.Tensor, k: int =
     """The k positions of token windows idx (B, T) whose real layer inputs n (B, T, d) project most on q.
 
     side="negative": the most negative projections; side="abs": the largest |q . n|, i.e. the largest
-    |lam (q . n)^2| term, since the quadratic form does not see the sign of q . n. Each example carries
+    |eigval (q . n)^2| term, since the quadratic form does not see the sign of q . n. Each example carries
     a text rendering with the token marked «token» and `before`/`after` tokens of context."""
     if n.shape[:2] != idx.shape:
         raise ValueError(f"max_activating: n {tuple(n.shape)} and idx {tuple(idx.shape)} disagree on (B, T)")
@@ -387,18 +388,16 @@ def layer_inputs(model, idx: torch.Tensor, batch_size: int = 8) -> LayerInputs:
 
 
 def _scores(pred: torch.Tensor, target: torch.Tensor) -> dict:
-    alpha = float((pred * target).sum() / (pred * pred).sum().clamp_min(1e-300))
     per_dir = [r2(pred[:, j:j + 1], target[:, j:j + 1]) for j in range(target.shape[1])]
-    return {"r2": r2(pred, target), "r2_scaled": r2(alpha * pred, target), "best_scale": alpha,
-            "sign_agreement": float((torch.sign(pred) == torch.sign(target)).double().mean()),
-            "r2_per_direction": per_dir}
+    return {**output_scores(pred, target), "r2_per_direction": per_dir}
 
 
 def _reading(B: torch.Tensor, n: torch.Tensor, target: torch.Tensor, ks) -> dict:
-    lam, Q = eig_sorted(B)  # |lam| order: the top-k truncations keep the largest |lam|
-    terms = lam[None] * torch.einsum("kjd,nd->nkj", Q, n) ** 2  # (N, K, d)
+    """Scores of the forms B (K, r, r) on inputs n (N, r) (homogeneous forms: n = [n; 1]), also truncated."""
+    eigvals, Q = eig_sorted(B)  # |eigenvalue| order: the top-k truncations keep the largest |eigenvalue|
+    terms = eigvals[None] * torch.einsum("kjd,nd->nkj", Q, n) ** 2  # (N, K, r)
     out = _scores(quadratic_form(B, n), target)
-    d = lam.shape[-1]
+    d = eigvals.shape[-1]
     out["truncated"] = {("all" if k is None else str(k)): {"k": d if k is None else min(k, d),
                                                            **_scores(terms[..., :d if k is None else k].sum(-1), target)}
                         for k in ks}
@@ -417,7 +416,7 @@ def lm_fidelity(W: torch.Tensor, V: torch.Tensor, P: torch.Tensor, gate: str, ga
       - "gain": unit i scaled by g_i (all g_i = 1 for the bilinear gate, so it equals first_order).
     Each has R^2 (pooled over directions, SS_tot about each direction's mean), R^2 after the best
     single scale, sign agreement, R^2 per direction, and the same for the top-k truncations
-    of the |lam|-ordered eigen-expansion (k in ks; None = all).
+    of the |eigval|-ordered eigen-expansion (k in ks; None = all).
     """
     gate_kwargs = dict(gate_kwargs or {})
     exact, reading = gate_reading(gate, gate_kwargs, force=force)
@@ -436,6 +435,41 @@ def lm_fidelity(W: torch.Tensor, V: torch.Tensor, P: torch.Tensor, gate: str, ga
     return out
 
 
+@torch.no_grad()
+def lm_reading_fidelity(W: torch.Tensor, V: torch.Tensor, P: torch.Tensor, gate: str, gate_kwargs: dict,
+                        U: torch.Tensor, n_fit: torch.Tensor, n_eval: torch.Tensor, readings=READINGS, ks=DEFAULT_KS,
+                        fit_rows: int | None = None, weighted: bool = True, ridge: float = DEFAULT_RIDGE) -> dict:
+    """The reading protocol on one decoder GLU layer, any gate: how much of its direct contribution
+    u . MLP(n) to each output direction u (rows of U (K, d_out)) each reading reproduces.
+
+    Every reading (`sqs.interp.layer_readings.read_layers`: first-order where the gate has one, gain,
+    affine, fit) is fitted on the layer inputs n_fit (..., d) from *training* tokens and scored on
+    n_eval from held-out tokens, as one form per direction in z = [n; 1]:
+    B_u = sum_k u_k B_k (`LayerReading.through`). "fit" is fitted to the layer's d_out outputs on the
+    first `fit_rows` rows of n_fit (None: all; N * F^2 work, F = (d+1)(d+2)/2). `weighted`: the
+    per-unit fits weighted by (w_i . n)^2 (`readings.unit_weights`).
+
+    Returns {"gate", "exact", "n_fit", "n_eval", "target_std", "best", "order" (by R^2, ties to the
+    simpler reading), and per reading name {"reading": description, "r2", "r2_scaled", "best_scale",
+    "sign_agreement", "r2_per_direction", "truncated": {k: ...}}, "forms": {reading: B_u (K, d+1, d+1)}}.
+    """
+    glu = GLUWeights(W, V, P, gate, gate_kwargs or {})
+    n_fit = n_fit.to(F64).reshape(-1, glu.d)
+    n_eval = n_eval.to(F64).reshape(-1, glu.d)
+    U = U.to(F64).reshape(-1, glu.P.shape[0])
+    target = glu.output(n_eval) @ U.T
+    fitted = read_layers(glu, n_fit, readings, fit_rows=fit_rows, weighted=weighted, ridge=ridge)
+    z_eval = homogeneous(n_eval)
+    out = {"gate": glu.gate, "exact": is_exact_gate(glu.gate, glu.gate_kwargs), "n_fit": n_fit.shape[0],
+           "n_eval": n_eval.shape[0], "target_std": target.std(0).tolist(), "forms": {}}
+    for name, rd in fitted.items():
+        B = rd.through(U).B
+        out["forms"][name] = B
+        out[name] = {"reading": READING_DESCRIPTIONS[name], **_reading(B, z_eval, target, ks)}
+    out["best"], out["order"] = best_reading({r: out[r] for r in fitted})
+    return out
+
+
 def split_windows(n: torch.Tensor, fit_frac: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """Layer inputs (B, T, d) -> (fit, eval) split by whole windows (first fit_frac of the windows to fit),
     so no window is in both halves."""
@@ -449,16 +483,9 @@ def split_windows(n: torch.Tensor, fit_frac: float = 0.5) -> tuple[torch.Tensor,
 # --------------------------------------------------------------------------- agreement in token space
 
 
-def token_profiles(Q: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """Each eigenvector's projection on every token input, centred over the vocabulary and of unit norm.
-
-    Q (..., k, d) eigenvectors as rows, X (V, d) token inputs (`token_inputs`) -> (..., k, V).
-    Two models' residual bases differ, so their eigenvectors are compared through these profiles:
-    the cosine of two centred unit profiles is their Pearson correlation over the vocabulary.
-    """
-    prof = Q.to(F64) @ X.to(F64).T
-    prof = prof - prof.mean(-1, keepdim=True)
-    return prof / prof.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+#: An eigenvector's centred, unit projection profile over the vocabulary (`agreement.profiles` with X the
+#: token inputs): the name the token-space analysis uses.
+token_profiles = profiles
 
 
 def token_agreement(B_a: torch.Tensor, X_a: torch.Tensor, B_b: torch.Tensor, X_b: torch.Tensor,
@@ -466,8 +493,8 @@ def token_agreement(B_a: torch.Tensor, X_a: torch.Tensor, B_b: torch.Tensor, X_b
     """Fair agreement of two models' eigenvectors for the same output directions, in token space.
 
     B_a (K, d_a, d_a) and B_b (K, d_b, d_b): the matrices of the same K directions (e.g. the same
-    tokens) in two models; X_a (V, d_a), X_b (V, d_b): each model's token inputs over one shared
-    vocabulary. The eigenvectors become `token_profiles` and go through the image analysis'
+    tokens) in two models (or (K, d+1, d+1) forms in [n; 1]); X_a (V, d_a), X_b (V, d_b): each model's
+    token inputs over one shared vocabulary. The eigenvectors become `token_profiles` and go through the image analysis'
     matching (`sqs.interp.agreement.vector_agreement`: signed sides, per-rank |corr|, best
     one-to-one match, subspace overlap), so per_rank etc. are |correlations| of profiles.
     """
@@ -476,13 +503,14 @@ def token_agreement(B_a: torch.Tensor, X_a: torch.Tensor, B_b: torch.Tensor, X_b
     if X_a.shape[0] != X_b.shape[0]:
         raise ValueError(f"token_agreement: vocabularies of {X_a.shape[0]} vs {X_b.shape[0]} tokens; "
                          "token-space agreement needs one shared tokenizer")
-    lam_a, Q_a = eig_sorted(B_a.to(F64))
-    lam_b, Q_b = eig_sorted(B_b.to(F64))
-    return vector_agreement(lam_a, token_profiles(Q_a, X_a), lam_b, token_profiles(Q_b, X_b), k=k, tol=tol)
+    eigvals_a, Q_a = eig_sorted(B_a.to(F64))
+    eigvals_b, Q_b = eig_sorted(B_b.to(F64))
+    return vector_agreement(eigvals_a, profiles(Q_a, X_a), eigvals_b, profiles(Q_b, X_b), k=k, tol=tol)
 
 __all__ = [
     "GAIN_READING", "LayerInputs", "Spectrum", "TokenList", "Example", "direct_contribution", "direction_matrices",
-    "direction_matrix", "direction_norms", "eig_signed", "glu_weights", "layer_inputs", "lm_fidelity", "max_activating",
+    "direction_matrix", "direction_norms", "eig_signed", "glu_weights", "layer_inputs", "lm_fidelity",
+    "lm_reading_fidelity", "max_activating",
     "mean_inv_rms", "orient", "read_tokens", "render", "split_windows", "token_agreement", "token_directions",
     "token_id", "token_inputs", "token_profiles", "top_promoted",
 ]

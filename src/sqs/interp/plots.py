@@ -49,7 +49,7 @@ def save(fig, path: str | Path, dpi: int | None = None) -> Path:
 
 def plot_spectrum(dec: Decomposition, classes=None, top: int = 30, dataset: str | None = None,
                   title: str | None = None):
-    """Signed eigenvalues per class in |lambda| order (App. B): does the top few dominate?"""
+    """Signed eigenvalues per class in |eigval| order (App. B): does the top few dominate?"""
     classes = list(range(dec.n_classes)) if classes is None else list(classes)
     names = class_names(dataset, dec.n_classes)
     top = min(top, dec.rank)
@@ -59,8 +59,8 @@ def plot_spectrum(dec: Decomposition, classes=None, top: int = 30, dataset: str 
     for ax in axes.flat[len(classes):]:
         ax.axis("off")
     for ax, a in zip(axes.flat, classes):
-        lam = dec.eigenvalues[a, :top].numpy()
-        ax.bar(np.arange(1, top + 1), lam, color=np.where(lam >= 0, "tab:red", "tab:blue"), width=0.8)
+        eigvals = dec.eigenvalues[a, :top].numpy()
+        ax.bar(np.arange(1, top + 1), eigvals, color=np.where(eigvals >= 0, "tab:red", "tab:blue"), width=0.8)
         ax.axhline(0, color="k", lw=0.5)
         share = float(dec.eigenvalues[a, :5].abs().sum() / dec.eigenvalues[a].abs().sum())
         ax.set_title(f"class {names[a]}: top-5 = {share:.0%} of Σ|λ|", fontsize=8)
@@ -73,9 +73,9 @@ def plot_spectrum(dec: Decomposition, classes=None, top: int = 30, dataset: str 
 
 
 def _top_by_sign(dec: Decomposition, a: int, n: int) -> tuple[list[int], list[int]]:
-    lam = dec.eigenvalues[a]
-    pos = [i for i in range(dec.rank) if lam[i] > 0][:n]
-    neg = [i for i in range(dec.rank) if lam[i] < 0][:n]
+    eigvals = dec.eigenvalues[a]
+    pos = [i for i in range(dec.rank) if eigvals[i] > 0][:n]
+    neg = [i for i in range(dec.rank) if eigvals[i] < 0][:n]
     return pos, neg
 
 
@@ -94,7 +94,7 @@ def plot_eigenvector_grid(dec: Decomposition, classes=None, n: int = 2, dataset:
             if idx is None:
                 continue
             ax.axis("on")
-            _img(ax, dec.pixel[a, idx], f"λ{idx + 1}={float(dec.eigenvalues[a, idx]):+.3g}", fontsize=7)
+            _img(ax, dec.pictures[a, idx], f"λ{idx + 1}={float(dec.eigenvalues[a, idx]):+.3g}", fontsize=7)
         axes[r, 0].set_ylabel(names[a], fontsize=9)
         axes[r, 0].axis("on")
         axes[r, 0].set_xticks([])
@@ -108,7 +108,7 @@ def plot_eigenvector_grid(dec: Decomposition, classes=None, n: int = 2, dataset:
 
 def plot_comparison_grid(decs: dict[str, Decomposition], classes=None, n: int = 2, dataset: str | None = None,
                          title: str | None = None):
-    """Rows: classes; for each model, its top-n eigenvectors by |lambda| side by side.
+    """Rows: classes; for each model, its top-n eigenvectors by |eigval| side by side.
 
     Signs of later models' eigenvectors are flipped to match the first model's of
     equal rank (an eigenvector's sign is arbitrary); the |cos| is printed above.
@@ -124,10 +124,11 @@ def plot_comparison_grid(decs: dict[str, Decomposition], classes=None, n: int = 
             dec = decs[lab]
             for k in range(n):
                 ax = axes[r, m * n + k]
-                u = dec.pixel[a, k]
+                u = dec.pictures[a, k]  # pixels only (a homogeneous reading's constant is not drawn)
                 t = f"λ{k + 1}={float(dec.eigenvalues[a, k]):+.3g}"
                 if m > 0:
-                    c = float(torch.dot(u, ref.pixel[a, k]))
+                    v = ref.pictures[a, k]
+                    c = float(torch.dot(u, v) / (u.norm() * v.norm()).clamp_min(1e-300))
                     u = u * (1.0 if c >= 0 else -1.0)
                     t += f"\n|cos|={abs(c):.2f}"
                 _img(ax, u, t, fontsize=6.5)
@@ -178,7 +179,7 @@ def plot_cosine_per_rank(curves: dict[str, torch.Tensor], max_rank: int | None =
 def plot_explanation(dec: Decomposition, img: torch.Tensor, logits: torch.Tensor | None = None,
                      label: int | None = None, dataset: str | None = None, top: int = 4, title: str | None = None):
     """Explain one input: image, logits (model and eigen-surrogate), and the top contributing
-    eigenvectors of the predicted class with their contributions lambda_i (q_i . x)^2."""
+    eigenvectors of the predicted class with their contributions eigval_i (q_i . x)^2."""
     names = class_names(dataset, dec.n_classes)
     contrib = contributions(dec, img)  # (C, d)
     surrogate = contrib.sum(-1)
@@ -210,7 +211,7 @@ def plot_explanation(dec: Decomposition, img: torch.Tensor, logits: torch.Tensor
 
     for j, i in enumerate(order):
         ax = fig.add_subplot(gs[0, 2 + j])
-        _img(ax, dec.pixel[pred, i], f"λ{i + 1}={float(dec.eigenvalues[pred, i]):+.3g}", fontsize=7)
+        _img(ax, dec.pictures[pred, i], f"λ{i + 1}={float(dec.eigenvalues[pred, i]):+.3g}", fontsize=7)
         ax2 = fig.add_subplot(gs[1, 2 + j])
         ax2.axis("off")
         ax2.text(0.5, 0.6, f"λ(q·x)² = {float(contrib[pred, i]):+.3g}", ha="center", va="center", fontsize=7)

@@ -1,44 +1,56 @@
-"""Quadratic readings of a gated layer that account for the gate's shrink.
+"""Readings of a gated unit: the gate replaced by something that keeps the layer a quadratic form.
 
-A 1-layer GLU classifier computes, on the embedded input x,
+A GLU unit i computes (w_i . x) * g(v_i . x). A *reading* replaces the gate g by a per-unit
+affine function g(v) ~ a_i + b_i v, so the unit becomes
 
-    logit_a(x) = sum_i (H P)_ai (w_i . x) gate(v_i . x).
+    (w_i . x)(a_i + b_i v_i . x) = (w~_i . z)(v~_i . z),   z = [x; 1],  w~_i = [w_i; 0],  v~_i = [b_i v_i; a_i]
 
-A *reading* replaces it by one quadratic form per class, x^T B_a x, whose eigenvectors
-are then the features (`sqs.interp.spectra.decompose`). Three readings, each still one
-symmetric B_a per class:
+a product of two linear functions of the homogeneous input z. An output k of the layer,
+sum_i P_ki h_i, is then one quadratic form in z (`homogeneous_forms`):
 
-- first-order (the paper's): the gate treated as the identity, B_a = sym sum_i (HP)_ai w_i v_i^T.
-- gain: over the range a hidden unit actually sees, sqs(v) is closer to a unit-wise
-  rescaling g_i * v, so w_i(x) * sqs(v_i(x)) ~ g_i * w_i(x) * v_i(x) and
+    y_k ~ z^T B~_k z,   B~_k = sym sum_i P_ki w~_i v~_i^T = [[B_k, c_k], [c_k^T, 0]]
+    B_k = sym sum_i P_ki b_i w_i v_i^T   (the quadratic part),   c_k = 1/2 sum_i P_ki a_i w_i   (half the linear part)
 
-      B_a = sym sum_i (HP)_ai g_i w_i v_i^T,   g_i = sum_n pre_ni post_ni / sum_n pre_ni^2
+one symmetric (d+1) x (d+1) matrix per output, eigendecomposable as any quadratic form. The
+readings differ only in (a, b), simplest first (`READINGS`):
 
-  with pre = V x, post = gate(V x) over the *training* images (`unit_gains`).
-- fit: B_a fitted by least squares to the model's own logits on training images
-  (`fit_quadratic_forms`), ridge-regularised toward a prior reading (the gain reading):
+- first-order: a = 0, b = the gate's slope where it is ~ linear (`FIRST_ORDER_SLOPE`): 1 for
+  bilinear (exact) and SQS (the paper's reading: sqs(v) ~ v for c << |v| << 1/lam); 1/2 for
+  GELU and SwiGLU (their derivative at 0: g(v) = v/2 + O(v^2)). Not applicable to ReLU, which
+  is linear on no interval around 0 (its odd part is v/2, its even part |v|/2 is as large).
+- gain: a = 0, b_i = sum_n v_ni g(v_ni) / sum_n v_ni^2 (`unit_gains`), least squares on training data.
+- affine: a_i, b_i by least squares of g(v_ni) ~ a_i + b_i v_ni on training data (`unit_affine`).
+  With a = 0 it is the gain reading's form padded with zeros; for the identity gate a = 0, b = 1
+  and it is the exact bilinear decomposition.
 
-      min_B  sum_n sum_a (x_n^T B_a x_n - z_na)^2 + rho * sum_a ||B_a - B0_a||_F^2.
+  Both fits may weight sample n of unit i by (w_i . x_n)^2 (`unit_weights`): they then minimise the
+  error of the unit's output (w_i . x)(g - a - b v), not of its gate. The reading protocol
+  (`sqs.interp.layer_readings`) does; `spectra.decompose` keeps the unweighted fits by default.
+- fit: the forms fitted directly by least squares to the layer's outputs on training inputs
+  (`fit_quadratic_forms`), ridge-regularised toward a prior reading. In homogeneous coordinates
+  (z = [x; 1]) it is the most general quadratic (with linear and constant terms), started
+  from the affine reading; in plain coordinates (the 1-layer `spectra.decompose` default) a
+  pure quadratic form started from the gain reading:
 
-  No intercept and no linear term: the reading must stay a pure quadratic form, so that
-  the eigen-surrogate sum_k lam_k (q_k . x)^2 *is* the fitted function (an intercept or a
-  linear term would be a part of the logit the eigenvectors do not show), and so that an
-  exactly quadratic model (bilinear gate, or sqs with c = lam = 0) is reproduced exactly.
-  The model has no bias; what the shift c*sgn(v) adds, -c (w.x) sgn(v.x), is even and
-  1-homogeneous in x, so a linear term could not represent it either.
+      min_B  sum_n sum_k (z_n^T B_k z_n - y_nk)^2 + rho * sum_k ||B_k - B0_k||_F^2.
 
-For the identity gate every reading is the exact bilinear decomposition: all gains are 1,
-and the fit's residual under the gain prior is zero, so the prior is the solution.
+Every fitted reading is fitted on training data only; fidelity is measured elsewhere on held-out
+data. For the identity gate every reading is the exact bilinear decomposition.
 """
 
 from __future__ import annotations
 
 import torch
 
-#: Reading names, in the order reports list them.
-READINGS = ("first-order", "gain", "fit")
+from sqs.functional import canonical_gate
+
+#: Reading names, simplest first: reports list them in this order, and a tie in fidelity goes to the earlier one.
+READINGS = ("first-order", "gain", "affine", "fit")
+#: The first-order reading's slope per gate, g(v) ~ s * v (ReLU has none; see the module docstring).
+FIRST_ORDER_SLOPE = {"bilinear": 1.0, "sqs": 1.0, "gelu": 0.5, "swiglu": 0.5}
 #: Relative ridge of the fit: rho = ridge * mean diagonal of the features' Gram matrix.
 DEFAULT_RIDGE = 1e-4
+F64 = torch.float64
 
 
 def check_reading(reading: str) -> str:
@@ -48,22 +60,164 @@ def check_reading(reading: str) -> str:
     return reading
 
 
-def unit_gains(pre: torch.Tensor, post: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+def first_order_slope(gate: str) -> float | None:
+    """The slope s of the first-order reading g(v) ~ s v, or None where the gate has none (ReLU)."""
+    return FIRST_ORDER_SLOPE.get(canonical_gate(gate))
+
+
+# --------------------------------------------------------------------------- the forms
+
+
+def interaction_matrices(W: torch.Tensor, V: torch.Tensor, P_eff: torch.Tensor) -> torch.Tensor:
+    """B (K, d, d), symmetrised: B_k = sym(sum_i P_eff[k, i] w_i v_i^T).
+
+    W, V: (h, d) rows w_i, v_i; P_eff: (K, h), the output projection composed with whatever
+    reads the layer's output (the head, token directions, or the identity).
+    """
+    B = torch.einsum("ki,ij,il->kjl", P_eff, W, V)
+    return 0.5 * (B + B.transpose(-1, -2))
+
+
+def quadratic_form(B: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x^T B_k x for every form: x (N, d), B (K, d, d) -> (N, K)."""
+    return torch.einsum("nj,kjl,nl->nk", x, B, x)
+
+
+def homogeneous(x: torch.Tensor) -> torch.Tensor:
+    """z = [x; 1]: (..., d) -> (..., d + 1). A quadratic form in z is a general quadratic in x."""
+    return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+
+
+def homogeneous_forms(W: torch.Tensor, V: torch.Tensor, P_out: torch.Tensor, a: torch.Tensor,
+                      b: torch.Tensor) -> torch.Tensor:
+    """B~ (K, d+1, d+1): output k of sum_i P_out[k, i] (w_i . x)(a_i + b_i v_i . x) as z^T B~_k z, z = [x; 1].
+
+    W, V (h, d); P_out (K, h); a, b (h,) the per-unit reading of the gate. float64.
+    """
+    W, V, P_out, a, b = (t.to(F64) for t in (W, V, P_out, a, b))
+    K, d = P_out.shape[0], W.shape[1]
+    quad = interaction_matrices(W, V, P_out * b)  # B_k = sym sum_i P_ki b_i w_i v_i^T
+    half_lin = 0.5 * (P_out * a) @ W  # c_k = 1/2 sum_i P_ki a_i w_i
+    B = quad.new_zeros(K, d + 1, d + 1)
+    B[:, :d, :d] = quad
+    B[:, :d, d] = half_lin
+    B[:, d, :d] = half_lin
+    return B
+
+
+def r2(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """1 - SS_res / SS_tot over all (input, output) values, SS_tot about each output's mean: how much
+    of the outputs' variation a reading reproduces (the fidelity measure every reading reports)."""
+    pred, target = pred.to(F64), target.to(F64)
+    ss_res = ((target - pred) ** 2).sum()
+    ss_tot = ((target - target.mean(0, keepdim=True)) ** 2).sum()
+    return float(1.0 - ss_res / ss_tot.clamp_min(1e-300))
+
+
+# --------------------------------------------------------------------------- per-unit fits
+
+
+def _check_pre_post(pre: torch.Tensor, post: torch.Tensor, who: str) -> None:
+    if pre.shape != post.shape or pre.dim() != 2:
+        raise ValueError(f"{who}: `pre` and `post` must both be (N, h), got {tuple(pre.shape)} and {tuple(post.shape)}")
+    if pre.shape[0] == 0:
+        raise ValueError(f"{who}: no fit inputs (N = 0); pass the gate inputs on the training data")
+
+
+def _check_weights(weights: torch.Tensor | None, pre: torch.Tensor, who: str) -> torch.Tensor | None:
+    if weights is None:
+        return None
+    if weights.shape != pre.shape:
+        raise ValueError(f"{who}: `weights` must be (N, h) like `pre`, got {tuple(weights.shape)} and {tuple(pre.shape)}")
+    if bool((weights < 0).any()):
+        raise ValueError(f"{who}: `weights` must be >= 0")
+    return weights.to(F64)
+
+
+def unit_gains(pre: torch.Tensor, post: torch.Tensor, eps: float = 1e-12,
+               weights: torch.Tensor | None = None) -> torch.Tensor:
     """Per-unit least-squares gain g with post[:, i] ~ g_i * pre[:, i].
 
     `pre` (N, h) are the gate's inputs v = V x, `post` (N, h) its outputs gate(v). A unit
     that never fires (sum pre^2 = 0) gets gain 1 (it contributes nothing either way). For the
-    identity gate post == pre and every gain is exactly 1.
+    identity gate post == pre and every gain is exactly 1. `weights` (N, h) >= 0 weight each
+    sample per unit (`unit_weights`: the squared linear branch, so the fit minimises the error of
+    the unit's output rather than of its gate); None: unweighted.
     """
-    if pre.shape != post.shape or pre.dim() != 2:
-        raise ValueError(f"unit_gains: `pre` and `post` must both be (N, h), got {tuple(pre.shape)} and {tuple(post.shape)}")
+    _check_pre_post(pre, post, "unit_gains")
+    w = _check_weights(weights, pre, "unit_gains")
     pre64, post64 = pre.double(), post.double()
-    num = torch.einsum("nh,nh->h", pre64, post64)
-    den = torch.einsum("nh,nh->h", pre64, pre64)
-    return torch.where(den > eps, num / den.clamp_min(eps), torch.ones_like(den))
+    wpre = pre64 if w is None else w * pre64
+    num = torch.einsum("nh,nh->h", wpre, post64)
+    den = torch.einsum("nh,nh->h", wpre, pre64)
+    return torch.where(den > (eps if w is None else 0.0), num / den.clamp_min(eps if w is None else 1e-300),
+                       torch.ones_like(den))
+
+
+def unit_affine(pre: torch.Tensor, post: torch.Tensor, rel_eps: float = 1e-12,
+                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-unit least squares post[:, i] ~ a_i + b_i pre[:, i]: (a, b), each (h,), float64.
+
+    Closed form, all units at once: b = cov(v, g) / var(v), a = mean(g) - b mean(v), with means,
+    covariance and variance weighted by `weights` (N, h) >= 0 when given (see `unit_gains`; a unit
+    whose weights are all 0 is fitted unweighted). A unit whose input is constant on the data
+    (var(v) <= rel_eps * sum v^2) gets b = 0, a = mean(g): exact there. For the identity gate
+    a = 0 and b = 1 (to rounding), whatever the weights.
+    """
+    _check_pre_post(pre, post, "unit_affine")
+    w = _check_weights(weights, pre, "unit_affine")
+    v, g = pre.to(F64), post.to(F64)
+    if w is None:
+        w = torch.ones_like(v)
+    else:  # a unit whose weights are all 0 contributes nothing: fit it unweighted
+        w = torch.where(w.sum(0) > 0, w, torch.ones_like(w))
+    total = w.sum(0)
+    mean_v, mean_g = (w * v).sum(0) / total, (w * g).sum(0) / total
+    dv, dg = v - mean_v, g - mean_g
+    var = torch.einsum("nh,nh->h", w * dv, dv)
+    cov = torch.einsum("nh,nh->h", w * dv, dg)
+    varies = var > rel_eps * torch.einsum("nh,nh->h", w * v, v)
+    b = torch.where(varies, cov / var.clamp_min(1e-300), torch.zeros_like(var))
+    return mean_g - b * mean_v, b
+
+
+def unit_weights(linear: torch.Tensor) -> torch.Tensor:
+    """(w_i . u)^2 per sample and unit from the linear branch W u (N, h): with these weights the per-unit
+    fit of the gate minimises sum_n ((w_i . u_n)(g(v_ni) - a_i - b_i v_ni))^2, the error of the unit's
+    own output, which is what the layer's output adds up (the gate matters little where w_i . u ~ 0)."""
+    return linear.to(F64) ** 2
+
+
+def unit_reading(reading: str, gate: str, pre: torch.Tensor | None = None, post: torch.Tensor | None = None,
+                 h: int | None = None, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) (h,) of a per-unit reading ("first-order", "gain" or "affine") of the gate.
+
+    first-order needs only `h` (or `pre`); gain and affine are fitted on `pre` (N, h) = V x and
+    `post` = gate(pre) over *training* inputs, optionally `weights` (see `unit_weights`). Raises
+    ValueError for a first-order reading of ReLU (none exists) and for "fit" (not a per-unit reading).
+    """
+    check_reading(reading)
+    if reading == "fit":
+        raise ValueError("unit_reading: 'fit' is fitted to the layer's outputs, not per unit; use fit_quadratic_forms")
+    if reading == "first-order":
+        s = first_order_slope(gate)
+        if s is None:
+            raise ValueError(f"unit_reading: the {canonical_gate(gate)!r} gate has no first-order reading "
+                             "(it is linear on no interval around 0); use the gain or affine reading")
+        n = h if h is not None else (pre.shape[-1] if pre is not None else None)
+        if n is None:
+            raise ValueError("unit_reading: the first-order reading needs the number of units `h`")
+        return torch.zeros(n, dtype=F64), torch.full((n,), s, dtype=F64)
+    if pre is None or post is None:
+        raise ValueError(f"unit_reading: the {reading!r} reading is fitted; pass the gate's inputs `pre` and outputs "
+                         "`post` on training data")
+    if reading == "gain":
+        return torch.zeros(pre.shape[-1], dtype=F64), unit_gains(pre, post, weights=weights)
+    return unit_affine(pre, post, weights=weights)
 
 
 # --------------------------------------------------------------------------- least-squares fit
+
 
 
 def _triu(d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
