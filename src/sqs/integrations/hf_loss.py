@@ -68,12 +68,15 @@ def causal_lm_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor |
 
 
 def _capturing_head_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """lm_head's instance forward: the plain projection, or, while the fused loss runs, record x and return
-    an empty (..., 0) view in place of the logits."""
-    store = self.__dict__.get("_sqs_capture")
-    if store is None:
+    """lm_head's instance forward: the plain projection; while the fused loss runs (a list is set), record x and
+    return an empty (..., 0) view in place of the logits; while the head is probed (a function is set), return
+    what that function makes of x."""
+    mode = self.__dict__.get("_sqs_capture")
+    if mode is None:
         return F.linear(x, self.weight, self.bias)
-    store.append(x)
+    if callable(mode):
+        return mode(x)
+    mode.append(x)
     return x[..., :0]
 
 
@@ -146,37 +149,41 @@ def _var_keyword(sig: inspect.Signature) -> str:
 
 
 def probe_head(model: nn.Module) -> str | None:
-    """None when the model's logits are exactly ``lm_head(h)`` (times the logits scale), else what differs.
+    """None when the model returns its head's output as the logits (divided by ``config.logits_scaling`` where
+    set), else what differs.
 
-    Runs the model once on four tokens in eval mode without gradients.
+    Runs the model once on four tokens in eval mode without gradients, with the head returning large
+    random values: any transformation after the head (soft-capping, a scale) shows, whatever the weights.
     """
     head = model.get_output_embeddings()
-    vocab = head.out_features
     device = head.weight.device
-    x = torch.arange(4, device=device).remainder(vocab)[None]
+    x = torch.arange(4, device=device).remainder(head.out_features)[None]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    made: list[torch.Tensor] = []
+
+    def substitute(h: torch.Tensor) -> torch.Tensor:
+        r = torch.randn(*h.shape[:-1], head.out_features, generator=gen) * 50
+        made.append(r.to(device=h.device, dtype=h.dtype))
+        return made[-1]
+
     was_training = model.training
-    store: list[torch.Tensor] = []
     model.eval()
+    head.__dict__["_sqs_capture"] = substitute
     try:
         with torch.no_grad():
-            want = model(input_ids=x).logits
-            head.__dict__["_sqs_capture"] = store
-            try:
-                model(input_ids=x)
-            finally:
-                head.__dict__["_sqs_capture"] = None
-            if len(store) != 1:
-                return f"the output layer ran {len(store)} times in one forward"
-            h = store[0]
-            scale = _head_scale(model)
-            got = F.linear(h if scale is None else h * scale, head.weight)
+            got = model(input_ids=x).logits
     except Exception as e:  # noqa: BLE001 - any failure means the loss cannot be checked
         return f"a check forward failed: {type(e).__name__}: {e}"
     finally:
+        head.__dict__["_sqs_capture"] = None
         model.train(was_training)
-    if want is None or want.shape != got.shape:
-        return "the logits do not have the head's shape"
-    if not torch.allclose(want.float(), got.float(), rtol=1e-4, atol=1e-4 * float(got.abs().amax()) + 1e-6):
+    if len(made) != 1:
+        return f"the output layer ran {len(made)} times in one forward"
+    scale = _head_scale(model)
+    want = made[0] if scale is None else made[0] * scale
+    if got is None or got.shape != want.shape:
+        return "the logits do not have the output layer's shape"
+    if not torch.allclose(got.float(), want.float(), rtol=1e-4, atol=1e-4):
         cfg = getattr(model, "config", None)
         hint = next((f" ({k}={getattr(cfg, k)})" for k in ("final_logit_softcapping", "logit_scale")
                      if getattr(cfg, k, None) is not None), "")
