@@ -439,6 +439,32 @@ def test_structure_without_the_computation_is_refused():
         sqs_hf.to_sqs(net)
 
 
+class _LoRALinear(torch.nn.Module):
+    """A wrapped projection as PEFT makes one: not an nn.Linear, but with in_features/out_features."""
+
+    def __init__(self, base: torch.nn.Linear, r: int = 2):
+        super().__init__()
+        self.base_layer, self.in_features, self.out_features = base, base.in_features, base.out_features
+        self.lora_a, self.lora_b = torch.nn.Linear(base.in_features, r, bias=False), torch.nn.Linear(r, base.out_features, bias=False)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_b(self.lora_a(x))
+
+
+def test_wrapped_projections_are_called_as_modules():
+    """LoRA-style wrapped gate/up projections (in either order with apply_sqs) run their own forward: the adapter
+    counts, the gate stays fused."""
+    ref = with_sqs_act(tiny_model("llama"), "llama", **PARAMS)
+    torch.manual_seed(3)
+    for layer in ref.model.layers:
+        layer.mlp.gate_proj, layer.mlp.up_proj = _LoRALinear(layer.mlp.gate_proj), _LoRALinear(layer.mlp.up_proj)
+    model = copy.deepcopy(ref)
+    report = sqs_hf.apply_sqs(model)
+    assert all(m.fused for m in report.patched)
+    x = tokens()
+    assert_same_run(loss_and_grads(ref, x), loss_and_grads(model, x), rtol=1e-5, atol=1e-6)
+
+
 def test_apply_sqs_refuses_to_change_the_gate():
     with pytest.raises(ValueError, match="gates with SiLUActivation, not SQS.*use to_sqs"):
         sqs_hf.apply_sqs(tiny_model("llama"))
@@ -448,6 +474,7 @@ def test_negative_c_is_the_other_reading_of_the_shift():
     """SPEC: a negative c gives (v + |c| sgn v)/(1 + lam|v|^p) and must work; it is carried, not refused."""
     model = sqs_hf.AutoSQSForCausalLM.from_config(tiny_config("llama", hidden_act="sqs"), c=-0.05)
     assert model.model.layers[0].mlp.act_fn.c == -0.05 and model.config.sqs["c"] == -0.05
+    assert "the other reading of the shift" in str(sqs_hf.apply_sqs(model))  # said, not silent
 
 
 @pytest.mark.parametrize("version", ["4.57.1", "6.0.0", "not-a-version"])

@@ -223,9 +223,20 @@ def looks_like_mlp(mod: nn.Module) -> bool:
     return type(mod).__name__.endswith(_MLP_NAME_ENDINGS) or any(hasattr(mod, a) for a in _MLP_ATTRS)
 
 
-def _linear(mod: nn.Module, name: str | None) -> nn.Linear | None:
+def _linear(mod: nn.Module, name: str | None) -> nn.Module | None:
+    """The projection `name` of `mod`: an nn.Linear, or a module standing in for one (a LoRA or quantised
+    wrapper with in_features/out_features), which the fused path then calls as a module."""
     m = getattr(mod, name, None) if name else None
-    return m if isinstance(m, nn.Linear) else None
+    if isinstance(m, nn.Linear):
+        return m
+    if isinstance(m, nn.Module) and isinstance(getattr(m, "in_features", None), int) and isinstance(
+            getattr(m, "out_features", None), int):
+        return m
+    return None
+
+
+def _shape(lin: nn.Module) -> tuple[int, int]:
+    return lin.out_features, lin.in_features
 
 
 def _act_attr(mod: nn.Module) -> str | None:
@@ -248,16 +259,14 @@ def _check_layout(mod: nn.Module, lay: Layout) -> str | None:
         g, u = _linear(mod, lay.gate), _linear(mod, lay.up)
         if g is None or u is None:
             return f"no nn.Linear `{lay.gate}` and `{lay.up}`"
-        if not (g.weight.shape == u.weight.shape and down.in_features == g.out_features
-                and down.out_features == g.in_features):
-            return (f"shapes do not chain: {lay.gate} {tuple(g.weight.shape)}, {lay.up} {tuple(u.weight.shape)}, "
-                    f"{lay.down} {tuple(down.weight.shape)}")
+        if not (_shape(g) == _shape(u) and down.in_features == g.out_features and down.out_features == g.in_features):
+            return f"shapes do not chain: {lay.gate} {_shape(g)}, {lay.up} {_shape(u)}, {lay.down} {_shape(down)}"
         return None
     p = _linear(mod, lay.packed)
     if p is None:
         return f"no nn.Linear `{lay.packed}`"
     if p.out_features != 2 * down.in_features or down.out_features != p.in_features:
-        return f"shapes do not chain: {lay.packed} {tuple(p.weight.shape)}, {lay.down} {tuple(down.weight.shape)}"
+        return f"shapes do not chain: {lay.packed} {_shape(p)}, {lay.down} {_shape(down)}"
     return None
 
 

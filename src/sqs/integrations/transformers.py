@@ -341,6 +341,8 @@ def _patch(model: nn.Module, *, fused: bool, given: dict, allow_new_gate: bool, 
             "MLPs. To turn a SwiGLU/GELU model into an SQS one, use to_sqs(model)")
     params = _choose_params(model, scan.found, given, caller)
     notes = []
+    if params["c"] < 0:
+        notes.append(f"c = {params['c']} < 0: the other reading of the shift, (v + |c| sgn v) / (1 + lam |v|^p)")
     keys = {g.config_key for g in scan.found if g.config_key}
     if any(g.config_key is None for g in scan.found):
         notes.append("some MLPs were recognised by structure and sqs cannot tell which config entry builds their "
