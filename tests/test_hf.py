@@ -61,8 +61,11 @@ FAMILY_MODELS = {
     "helium": ("HeliumConfig", "HeliumForCausalLM", {}, {"HeliumMLP": "act_fn"}),
     "glm": ("GlmConfig", "GlmForCausalLM", {}, {"GlmMLP": "activation_fn"}),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4, **EXPERTS), {"OlmoeExperts": "act_fn"}),
+    "granitemoeshared": ("GraniteMoeSharedConfig", "GraniteMoeSharedForCausalLM",
+                         dict(num_local_experts=4, shared_intermediate_size=17, **EXPERTS),
+                         {"GraniteMoeSharedMLP": "activation", "GraniteMoeSharedExperts": "act_fn"}),
 }
-STRUCTURAL = {"helium", "glm", "olmoe"}
+STRUCTURAL = {"helium", "glm", "olmoe", "granitemoeshared"}
 PARAMS = {"c": 0.05, "lam": 0.7, "p": 1.0}
 
 # The fused op's eager backend (same math as the compiled one, tested in test_ops/test_functional) keeps this

@@ -111,8 +111,9 @@ def _fused_loss_forward(self: nn.Module, *args, **kwargs):
     extra = dict(arguments.pop(_var_keyword(sig), {}) or {})
     labels = arguments.get("labels")
     keep = arguments.get("logits_to_keep", 0)
-    if labels is None or not self.training or not (isinstance(keep, int) and keep == 0):
-        return inner(*args, **kwargs)
+    tuples = arguments.get("return_dict", extra.get("return_dict")) is False
+    if labels is None or not self.training or tuples or not (isinstance(keep, int) and keep == 0):
+        return inner(*args, **kwargs)  # logits wanted (eval, no labels, some kept), or tuple outputs: the library's
     arguments["labels"] = None
     head = self.get_output_embeddings()
     store: list[torch.Tensor] = []
