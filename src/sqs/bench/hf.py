@@ -7,13 +7,14 @@ in the same run. Two shapes: ``small`` (the round-one benchmark: 4 layers, d 256
 vocab 49,152, tied embeddings, 30 layers unless overridden; random weights).
 
 Peak memory: one more step per model runs under the PyTorch profiler with memory recording,
-whose allocation events carry the CPU allocator's running total (`sqs.bench.ops._peak_bytes`).
+whose allocation events carry the running total of what the CPU allocator handed out while profiling
+(`sqs.bench.ops._peak_bytes`; each step frees only what it allocated, see `_train_step`).
 Why that and not the process's resident size: the four models live in one process, glibc
 keeps freed blocks for reuse (so a process's peak RSS mixes variants and allocator caching),
 and a fresh process per variant would also count compiled kernels and import overheads. The
 allocator total counts tensor bytes only, exactly, per step. Reported: the bytes a model holds
-between steps (weights, gradients, AdamW state; shared storages once) plus the step's peak
-above that level. Needs the `hf` extra (transformers).
+between steps (weights and AdamW state; shared storages once) plus the step's peak above that
+level (activations, logits, gradients, temporaries). Needs the `hf` extra (transformers).
 """
 
 from __future__ import annotations
@@ -121,16 +122,19 @@ def _models(s: dict) -> dict[str, torch.nn.Module]:
 
 
 def _train_step(model: torch.nn.Module, batch: torch.Tensor, opt: torch.optim.Optimizer) -> Callable[[], None]:
+    """One step in the Trainer's order: the gradients are freed at its end, so none is alive during the next
+    forward (and every byte the step frees, it allocated itself: the profiler counts exactly those)."""
     def run():
         loss = model(input_ids=batch, labels=batch).loss
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        opt.zero_grad(set_to_none=True)
     return run
 
 
 def _resident_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
-    """Bytes of weights, gradients and optimizer state, each storage once (tied weights share one)."""
+    """Bytes a model holds between steps: weights and optimizer state (gradients, when any are alive), each
+    storage once (tied weights share one)."""
     seen: dict[int, int] = {}
     tensors = [p for p in model.parameters()] + [p.grad for p in model.parameters() if p.grad is not None]
     tensors += [t for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
@@ -210,6 +214,6 @@ def format_hf_table(results: list[HFBenchResult], shape: str = "small", **overri
             f"{_ratio(by, r, 'swiglu', mem)} | {_ratio(by, r, 'sqs-fused', mem)} | {parts} |")
     lines += ["", "Speed ratios are throughput over the baseline's (above 1: faster); CPU time is the process's, all "
               "threads together (on a shared machine the steadier of the two). Peak memory: tensor bytes from the "
-              "CPU allocator, the model's resident weights, gradients and AdamW state plus the training step's "
-              "peak above them (one profiled step after the timed ones)."]
+              "CPU allocator: the model's weights and AdamW state plus the training step's peak above them "
+              "(activations, logits, gradients; one profiled step after the timed ones)."]
     return "\n".join(lines)
