@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from sqs.bench.ops import BenchResult, _peak_bytes
-from sqs.integrations.transformers import AutoSQSForCausalLM, apply_sqs
+from sqs.integrations.transformers import AutoSQSForCausalLM
 
 #: variant -> what it is, in the table
 HF_VARIANTS = {
