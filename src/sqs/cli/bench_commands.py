@@ -106,12 +106,16 @@ def _lm(args) -> int:
 def _hf(args) -> int:
     from sqs.bench.hf import bench_hf, format_hf_table
 
-    res = bench_hf(batch=args.batch, seq=args.seq, layers=args.layers, d_model=args.d_model,
-                   intermediate=args.intermediate, vocab=args.vocab, reps=args.reps)
-    table = format_hf_table(res, layers=args.layers, d_model=args.d_model, intermediate=args.intermediate,
-                            vocab=args.vocab)
-    print(table)
-    _write(args.out, "sqs bench hf", [table])
+    sizes = dict(layers=args.layers, d_model=args.d_model, intermediate=args.intermediate, vocab=args.vocab,
+                 batch=args.batch, seq=args.seq)
+    tables = []
+    for shape in args.shape:
+        res = bench_hf(shape, reps=args.reps, warmup=args.warmup, memory=not args.no_memory, **sizes)
+        tables.append(format_hf_table(res, shape, **sizes))
+        print(tables[-1] + "\n", flush=True)
+    given = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sizes.items() if v)
+    _write(args.out, f"sqs bench hf --shape {' '.join(args.shape)} {given} --reps {args.reps} --warmup {args.warmup}"
+           .replace("  ", " "), tables)
     return 0
 
 
@@ -154,13 +158,20 @@ def register(sub, groups) -> None:
     p.set_defaults(func=_lm)
 
     p = groups["bench"].add_parser("hf", help="Hugging Face Llama training step: SwiGLU vs SQS unfused (act_fn) vs "
-                                              "apply_sqs (fused); needs the hf extra: pip install 'sqs[hf]'")
-    p.add_argument("--batch", type=positive_int, default=8, help="sequences per step")
-    p.add_argument("--seq", type=positive_int, default=256, help="tokens per sequence")
-    p.add_argument("--layers", type=positive_int, default=4)
-    p.add_argument("--d-model", type=positive_int, default=256)
-    p.add_argument("--intermediate", type=positive_int, default=688)
-    p.add_argument("--vocab", type=positive_int, default=2048)
-    p.add_argument("--reps", type=REPS, default=10)
-    p.add_argument("--out", help="also write the table to this markdown file")
+                                              "apply_sqs (fused) vs fused + fused loss, time and peak memory; needs "
+                                              "the hf extra: pip install 'sqs[hf]'")
+    p.add_argument("--shape", nargs="+", choices=["small", "smollm2"], default=["small", "smollm2"],
+                   help="model shapes: small (4 layers, d 256, vocab 2,048, 8x256 tokens) and/or smollm2 "
+                        "(SmolLM2-135M: 30 layers, d 576, vocab 49,152, 8x512 tokens) (default: %(default)s)")
+    p.add_argument("--layers", type=positive_int, help="override the shape's layer count (default: the shape's)")
+    p.add_argument("--batch", type=positive_int, help="sequences per step (default: the shape's, 8)")
+    p.add_argument("--seq", type=positive_int, help="tokens per sequence (default: the shape's)")
+    p.add_argument("--d-model", type=positive_int, help="hidden size (default: the shape's)")
+    p.add_argument("--intermediate", type=positive_int, help="MLP width (default: the shape's)")
+    p.add_argument("--vocab", type=positive_int, help="vocabulary (default: the shape's)")
+    p.add_argument("--reps", type=REPS, default=5, help="timed steps per variant (default: %(default)s)")
+    p.add_argument("--warmup", type=bounded(int, 0), default=1,
+                   help="untimed steps per variant first (kernel compilation; default: %(default)s)")
+    p.add_argument("--no-memory", action="store_true", help="skip the profiled step that measures peak memory")
+    p.add_argument("--out", help="also write the table(s) to this markdown file")
     p.set_defaults(func=_hf)
