@@ -248,8 +248,9 @@ print("TRITON-PROPERTY-OK")
 """
 
 
-def triton_property():
-    """The same property through the Triton kernels (run with TRITON_INTERPRET=1 set)."""
+def triton_property(device: str = "cpu"):
+    """The same property through the Triton kernels: on CPU tensors with TRITON_INTERPRET=1 set,
+    or on a GPU (`device="cuda"`)."""
     from sqs.ops import triton_sqs_glu as K
 
     @settings(max_examples=int(os.environ.get("SQS_GATE_EXAMPLES", "12")), deadline=None,
@@ -258,13 +259,13 @@ def triton_property():
     def prop(data, dtype):
         c, lam, p = data.draw(params(dtype))
         v = data.draw(inputs(dtype, n=16))
-        if dtype == torch.bfloat16:  # the interpreter's bfloat16 emulation flushes subnormals to 0
+        if dtype == torch.bfloat16 and device == "cpu":  # the interpreter's bfloat16 flushes subnormals to 0
             v = torch.where(v.abs() < torch.finfo(dtype).tiny, torch.zeros_like(v), v)
-        w = torch.ones_like(v)
-        y = K._forward(w, v, c, lam, p)
-        dw, dv = K._backward(w, w, v, c, lam, p)
-        check_values(v, y, dv, c, lam, p, "triton (interpreter)")
-        check_values(v, dw, None, c, lam, p, "triton dw (interpreter)")
+        w = torch.ones_like(v, device=device)
+        y = K._forward(w, v.to(device), c, lam, p).cpu()
+        dw, dv = (t.cpu() for t in K._backward(w, w, v.to(device), c, lam, p))
+        check_values(v, y, dv, c, lam, p, f"triton ({device})")
+        check_values(v, dw, None, c, lam, p, f"triton dw ({device})")
 
     prop()
 
@@ -276,6 +277,13 @@ def test_triton_kernels_over_every_input_and_parameter_under_the_interpreter():
                PYTHONPATH=SRC + os.pathsep + env.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, "-c", _TRITON_PROP], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "TRITON-PROPERTY-OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAVE_TRITON and torch.cuda.is_available()), reason="needs a CUDA device and triton")
+def test_triton_kernels_over_every_input_and_parameter_on_the_gpu():
+    """The GPU's fast log2/exp2/division approximations, checked against the same bound."""
+    triton_property("cuda")
 
 
 # ---- the limits, named ----------------------------------------------------------------
