@@ -72,6 +72,23 @@ def tinystories_cache(tmp_path_factory) -> Path:
     return c
 
 
+@pytest.fixture
+def image_sources_off(tmp_path, monkeypatch):
+    """No test reaches a real fetch source (npm, apt, mirrors) or the user's cache; the in-memory
+    image cache is cleared before and after."""
+    from sqs.data import images as im
+
+    monkeypatch.setenv("SQS_CACHE_DIR", str(tmp_path / "default-cache"))
+
+    def no_sources(info):
+        raise AssertionError("test tried an automatic fetch source")
+
+    monkeypatch.setattr(im, "_sources", no_sources)
+    im.clear_memory_cache()
+    yield
+    im.clear_memory_cache()
+
+
 #: Sizes of the tiny image dataset `write_image_dataset` makes.
 IMG_TRAIN, IMG_TEST = 256, 64
 
@@ -126,3 +143,12 @@ def no_figures(monkeypatch):
     for module in (table1_report, lm_table_report, lm_spectra_report):  # reports that save through sqs.io
         monkeypatch.setattr(module, "save_figure", fast_save)
     monkeypatch.setattr(frontier_plots, "save", fast_save)
+
+
+def fill_image_cache(cache: Path, name: str = "mnist", seed: int = 0) -> Path:
+    """The tiny dataset installed in the cache `cache` the way `sqs data fetch NAME --data-dir DIR
+    --no-verify` installs a modified copy (md5s recorded, so load() checks them); returns its folder."""
+    from sqs.data import images
+
+    src = write_image_dataset(cache.parent / f"{cache.name}-{name}-src", seed)
+    return images.fetch(name, data_dir=src, cache_dir=cache, progress=False, verify=False)

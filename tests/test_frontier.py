@@ -19,7 +19,7 @@ from sqs.runs.naming import run_name
 from sqs.training.rundir import FRONTIER_ANALYSIS
 
 from conftest import IMG_TRAIN as N_TRAIN  # noqa: E402
-from conftest import write_image_dataset as _write_dataset  # noqa: E402
+from conftest import fill_image_cache, write_image_dataset as _write_dataset  # noqa: E402
 TINY = ["batch_size=32", "model.d_model=8", "model.d_hidden=8", "early_eval_every=0", "eval_points=2",
         "noise_std=0.3", "noise_relative=false", "train.lr=1e-2"]
 
@@ -120,7 +120,7 @@ r2_min = 0.95
 
 def test_tiny_frontier_end_to_end_resumes_and_reports(tmp_path, eager_backend, no_figures):
     cache = tmp_path / "cache"
-    _write_dataset(cache / "images" / "mnist")
+    fill_image_cache(cache)
     runs, out, log = tmp_path / "runs", tmp_path / "out", tmp_path / "frontier.log"
     grid = _tiny_grid(tmp_path)
     specs = plan_frontier(runs, grid, epochs=1, overrides=TINY)

@@ -32,18 +32,7 @@ def _write(folder, arrays, gz=False):
     return folder
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    """No test may reach a real source or the user's cache."""
-    monkeypatch.setenv("SQS_CACHE_DIR", str(tmp_path / "default-cache"))
-
-    def no_sources(info):
-        raise AssertionError("test tried an automatic fetch source")
-
-    monkeypatch.setattr(im, "_sources", no_sources)
-    im.clear_memory_cache()
-    yield
-    im.clear_memory_cache()
+pytestmark = pytest.mark.usefixtures("image_sources_off")  # no real source, no user cache
 
 
 @pytest.fixture
@@ -137,7 +126,7 @@ def test_corrupt_file_message_names_fetch(tmp_path, known_md5):
     im.fetch("mnist", data_dir=_write(tmp_path / "idx", known_md5), cache_dir=cache, progress=False)
     f = cache / "images" / "mnist" / im.TEST_IMAGES
     f.write_bytes(f.read_bytes()[:-5])
-    with pytest.raises(IDXError, match=r"truncated data.*re-run `sqs data fetch mnist`"):
+    with pytest.raises(IDXError, match=r"truncated data.*re-run `sqs data fetch mnist --cache-dir "):
         im.load("mnist", "test", cache_dir=cache)
 
 
@@ -146,7 +135,7 @@ def test_fetch_with_data_dir_then_load_from_cache(tmp_path, known_md5):
     cache = tmp_path / "cache"
     out = im.fetch("mnist", data_dir=src, cache_dir=cache, progress=False)
     assert out == cache / "images" / "mnist"
-    assert sorted(p.name for p in out.iterdir()) == sorted(im.FILES)  # stored uncompressed
+    assert sorted(p.name for p in out.iterdir()) == sorted(im.FILES + (im.MANIFEST,))  # uncompressed, md5s recorded
     for name, a in known_md5.items():
         assert (out / name).read_bytes() == encode_idx(a)
     shutil.rmtree(src)  # the second load must come from the cache

@@ -17,7 +17,7 @@ from sqs.training.checkpoint import CheckpointError
 from sqs.training.rundir import is_complete, read_metrics
 
 from conftest import IMG_TRAIN as N_TRAIN  # noqa: E402
-from conftest import write_image_dataset as _write_dataset  # noqa: E402
+from conftest import fill_image_cache, write_image_dataset as _write_dataset  # noqa: E402
 TINY = ["batch_size=32", "model.d_model=16", "model.d_hidden=16", "early_eval_every=0", "eval_points=6",
         "noise_std=0.3", "noise_relative=false", "train.lr=1e-2"]
 
@@ -162,7 +162,7 @@ def test_config_file_and_errors(tmp_path):
 
 def test_grid_inline_skips_finished_runs_and_writes_the_report(tmp_path):
     cache = tmp_path / "cache"
-    _write_dataset(cache / "images" / "mnist")
+    fill_image_cache(cache)
     runs, out = tmp_path / "runs", tmp_path / "results"
     specs = plan_grid(runs, datasets=["mnist"], gates=["relu", "bilinear"], seeds=2, epochs=2,
                              overrides=TINY)

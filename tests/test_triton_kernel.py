@@ -281,22 +281,23 @@ _AOT = textwrap.dedent("""
         names = iter(kernel.arg_names)
         s = {next(names): "*" + dt for _ in range(n_ptr)}
         s.update({next(names): "i32" for _ in range(n_ptr + 3)})   # row strides, n_rows, n_cols, n_col_blocks
-        s.update({next(names): "fp64" for _ in range(3)})          # c, lam, p
+        s.update({next(names): "fp64" for _ in range(8)})          # the gate's constants k0..k6, big
         return s
 
     n = 0
     for arch, dtypes in ((90, ("fp32", "bf16", "fp16", "fp64")), (80, ("bf16",))):
         for dt in dtypes:
-            for p_is_one in (True, False):
+            for kind in (0, 1, 2):  # the gate forms of sqs.core: lam = 0, p = 1, general p
                 for kernel, n_ptr in ((K._sqs_glu_fwd_kernel, 3), (K._sqs_glu_bwd_kernel, 5)):
-                    consts = dict(P_IS_ONE=p_is_one, IS_FP64=dt == "fp64", BLOCK_M=4, BLOCK_N=512)
+                    consts = dict(KIND=kind, SAT=dt in ("bf16", "fp16"), IS_FP64=dt == "fp64",
+                                  BLOCK_M=4, BLOCK_N=512)
                     s = sig(kernel, n_ptr, dt)
                     s.update({k: "constexpr" for k in consts})
                     ck = triton.compile(ASTSource(fn=kernel, signature=s, constexprs=consts),
                                         target=GPUTarget("cuda", arch, 32), options=dict(num_warps=8))
                     ptx = ck.asm["ptx"]
                     assert len(ck.asm["cubin"]) > 0
-                    if p_is_one:  # the constexpr specialisation: no pow/exp/log at all
+                    if kind < 2:  # the constexpr specialisations lam = 0 and p = 1: no pow/exp/log at all
                         assert "ex2" not in ptx and "lg2" not in ptx, (dt, arch)
                     n += 1
     print(f"compiled {n} kernels")
@@ -312,7 +313,7 @@ def test_kernels_compile_for_cuda_without_gpu(tmp_path):
     if "SKIP:" in r.stdout:
         pytest.skip(r.stdout.strip())
     assert r.returncode == 0, out
-    assert "compiled 20 kernels" in r.stdout, out
+    assert "compiled 30 kernels" in r.stdout, out
 
 
 # ---- real GPU ---------------------------------------------------------------------

@@ -24,6 +24,11 @@ class ConfigError(UserError, ValueError):
     """A setting out of range or malformed (the message names it and the valid range)."""
 
 
+class ArgumentTypeError(UserError, TypeError):
+    """An argument of the wrong type (a string where a number belongs, a list where a tensor
+    belongs); the message names the argument and the type it must have."""
+
+
 class DataWarning(UserWarning):
     """Something in a file on disk was damaged and skipped or set aside (nothing was lost)."""
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sqs.core import DEFAULT_C, DEFAULT_LAM, DEFAULT_P, canonical_gate, check_sqs_params
+from sqs.core import (DEFAULT_C, DEFAULT_LAM, DEFAULT_P, ArgumentTypeError, ConfigError, canonical_gate, check_tensor,
+                      sqs_params)
 from sqs.functional import gate_fn, glu_packed, sqs
 
 
@@ -24,8 +25,7 @@ class SQS(nn.Module):
 
     def __init__(self, c: float = DEFAULT_C, lam: float = DEFAULT_LAM, p: float = DEFAULT_P):
         super().__init__()
-        check_sqs_params(c, lam, p)
-        self.c, self.lam, self.p = float(c), float(lam), float(p)
+        self.c, self.lam, self.p = sqs_params(c, lam, p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sqs(x, self.c, self.lam, self.p)
@@ -46,11 +46,14 @@ class GLU(nn.Module):
     def __init__(self, d_in: int, d_hidden: int, d_out: int | None = None, gate: str = "sqs",
                  bias: bool = False, **gate_kwargs):
         super().__init__()
-        for name, val in (("d_in", d_in), ("d_hidden", d_hidden)):
-            if not isinstance(val, int) or val <= 0:
-                raise ValueError(f"GLU: `{name}` must be a positive int, got {val!r}")
-        if d_out is not None and (not isinstance(d_out, int) or d_out <= 0):
-            raise ValueError(f"GLU: `d_out` must be a positive int or None, got {d_out!r}")
+        for name, val in (("d_in", d_in), ("d_hidden", d_hidden), ("d_out", d_out)):
+            if val is None and name == "d_out":
+                continue
+            if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+                extra = " or None" if name == "d_out" else ""
+                raise ConfigError(f"GLU: `{name}` must be a positive int{extra}, got {val!r}")
+        if not isinstance(bias, bool):
+            raise ArgumentTypeError(f"GLU: `bias` must be True or False, got {bias!r}")
         self.gate = canonical_gate(gate)
         gate_fn(self.gate, **gate_kwargs)  # validates the kwargs now, not at first forward
         self.gate_kwargs = dict(gate_kwargs)
@@ -59,6 +62,9 @@ class GLU(nn.Module):
         self.out = nn.Linear(d_hidden, d_out, bias=bias) if d_out is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_tensor("x", x, "GLU")
+        if x.dim() == 0 or x.shape[-1] != self.d_in:
+            raise ConfigError(f"GLU: `x` must have {self.d_in} features in its last dim, got shape {tuple(x.shape)}")
         h = glu_packed(self.proj(x), self.gate, **self.gate_kwargs)
         return self.out(h) if self.out is not None else h
 

@@ -16,6 +16,7 @@ the uncompressed content) is checked against :data:`DATASETS`.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -30,9 +31,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from sqs.data.cache import CacheError, check_writable, writing_cache
 from sqs.data.cache import cache_dir as _cache_root
 from sqs.data.idx import IDXError, parse_idx, read_idx_bytes
-from sqs.io import UserError, atomic_write
+from sqs.io import UserError, atomic_write, write_json
 
 __all__ = [
     "DATASETS",
@@ -46,6 +48,9 @@ __all__ = [
     "load",
     "clear_memory_cache",
 ]
+
+#: In each cached dataset folder: the md5 of every file as installed (checked by load()).
+MANIFEST = "manifest.json"
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"
 TRAIN_LABELS = "train-labels-idx1-ubyte"
@@ -166,6 +171,9 @@ def _fetch_hint(name: str) -> str:
 
 
 def _check_pair(images: np.ndarray, labels: np.ndarray, img_path, lbl_path, fix: str) -> None:
+    if images.ndim >= 1 and images.shape[0] == 0:
+        raise IDXError(f"{img_path}: holds 0 images (an empty file of its kind; nothing to train or test on). "
+                       f"To fix: {fix}.")
     if images.dtype != np.uint8 or images.ndim != 3 or tuple(images.shape[1:]) != IMAGE_SHAPE:
         raise IDXError(
             f"{img_path}: expected uint8 images of shape N x 28 x 28, got {images.dtype} "
@@ -225,12 +233,26 @@ def _cache_ok(info: ImageDataset, target: Path) -> bool:
     return True
 
 
-def _install(info: ImageDataset, folder: Path, target: Path, verify: bool, fix: str) -> None:
+def _cache_fix(name: str, data_dir: str | os.PathLike | None, force: bool, verify: bool) -> str:
+    """The advice for a cache that cannot be written: the same command with a writable --cache-dir."""
+    flags = (f" --data-dir {data_dir}" if data_dir is not None else "") + (" --force" if force else "") \
+        + ("" if verify else " --no-verify")
+    return (f"choose a writable cache folder: `sqs data fetch {name}{flags} --cache-dir DIR` "
+            "(or set SQS_CACHE_DIR=DIR; Python: cache_dir=DIR)")
+
+
+def _install(info: ImageDataset, folder: Path, target: Path, verify: bool, fix: str, cache_fix: str) -> None:
     files = _verify_folder(info, folder, verify, fix)  # everything checked before anything is written
-    for base, data in files.items():
-        atomic_write(target / base, lambda p, d=data: (p.write_bytes(d), p.chmod(0o644)))
-        for other in _variants(base)[1:]:  # drop stale variants so the cache has one copy of each file
-            (target / other).unlink(missing_ok=True)
+    with writing_cache(target, f"{info.name} dataset", cache_fix):
+        target.mkdir(parents=True, exist_ok=True)
+        (target / MANIFEST).unlink(missing_ok=True)  # no manifest while the files change
+        for base, data in files.items():
+            atomic_write(target / base, lambda p, d=data: (p.write_bytes(d), p.chmod(0o644)))
+            for other in _variants(base)[1:]:  # drop stale variants so the cache has one copy of each file
+                (target / other).unlink(missing_ok=True)
+        write_json(target / MANIFEST, {"dataset": info.name, "originals": all(
+            info.md5.get(b) is None or info.md5[b] == _md5(d) for b, d in files.items()),
+            "md5": {base: _md5(data) for base, data in files.items()}})
 
 
 # ----------------------------------------------------------------------------- sources
@@ -363,26 +385,33 @@ def fetch(
     listing what was tried when every source fails.
     """
     info = _info(name)
-    target = dataset_dir(name, cache_dir)
+    cache_fix = _cache_fix(name, data_dir, force, verify)
+    target = _cache_root(cache_dir, fix=cache_fix) / "images" / name
     if data_dir is not None:
         src = Path(data_dir).expanduser()
         fix = f"put intact copies of the original {name} IDX files (raw or .gz) in {src}"
         if not src.is_dir():
             raise DatasetMissingError(f"{src}: no such folder (given as the {name} data dir). To fix: {fix}.")
+        check_writable(target, f"{name} dataset", cache_fix)  # the real cause first, before reading anything
         _say(progress, f"copying {name} from {src} to {target}")
-        _install(info, src, target, verify, fix)
+        _install(info, src, target, verify, fix, cache_fix)
         clear_memory_cache()
         return target
     if not force and _cache_ok(info, target):
         _say(progress, f"{name}: cache is complete and verified ({target})")
         return target
+    # A cache that cannot be written fails every source the same way: say so once, before trying them.
+    check_writable(target, f"{name} dataset", cache_fix)
 
     tried: list[str] = []
     for label, source in _sources(info):
         with tempfile.TemporaryDirectory(prefix=f"sqs-fetch-{name}-") as tmp:
             try:
                 folder = source(info, Path(tmp), progress)
-                _install(info, Path(folder), target, verify, f"the source {label} gave bad files; try another")
+                _install(info, Path(folder), target, verify, f"the source {label} gave bad files; try another",
+                         cache_fix)
+            except CacheError:
+                raise  # the cache, not the source: no other source can do better
             except Exception as e:  # noqa: BLE001 - record it, try the next source
                 tried.append(f"  - {label}: {type(e).__name__}: {e}")
                 _say(progress, f"{label} failed: {e}")
@@ -396,6 +425,28 @@ def fetch(
         f"then run `sqs data fetch {name} --data-dir DIR` (or pass `--data-dir DIR` to the command that "
         "needs the data)."
     )
+
+
+def _verify_cached(info: ImageDataset, folder: Path, raw: dict[str, bytes], cache_dir) -> None:
+    """The cached files' md5 against the manifest written with them (or, for a cache filled before
+    manifests existed, against the originals'); a mismatch is damage, named with the command that
+    repairs it."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        want_all, originals = dict(manifest["md5"]), bool(manifest.get("originals", True))
+    except (OSError, ValueError, KeyError, TypeError):  # filled before manifests: the originals' md5
+        want_all, originals = info.md5, None
+    cd = f" --cache-dir {cache_dir}" if cache_dir is not None else ""
+    refetch = f"`sqs data fetch {info.name}{cd}` (it re-verifies the cache and fetches the files again)"
+    reinstall = f"`sqs data fetch {info.name} --data-dir DIR --no-verify{cd}`"
+    repair = {True: refetch, False: f"install your copy again: {reinstall}",
+              None: f"{refetch}; or, for a modified copy of your own, install it again: {reinstall}"}[originals]
+    for base, data in raw.items():
+        want = want_all.get(base)
+        if want is not None and _md5(data) != want:
+            which = "the original file's" if originals is None else "recorded when it was written"
+            raise IDXError(f"{find_file(folder, base)}: the cached file is damaged (md5 {_md5(data)}, {which} "
+                           f"{want}). To repair: {repair}.")
 
 
 _MEMORY: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -428,7 +479,8 @@ def load(
         fix = f"put intact copies of the original {name} IDX files (raw or .gz) in {folder}"
     else:
         folder = dataset_dir(name, cache_dir)
-        fix = f"re-run `sqs data fetch {name}` (it re-verifies and repairs the cache)"
+        cd = f" --cache-dir {cache_dir}" if cache_dir is not None else ""
+        fix = f"re-run `sqs data fetch {name}{cd}` (it re-verifies and repairs the cache)"
     img_name, lbl_name = SPLITS[split]
     img_path, lbl_path = find_file(folder, img_name), find_file(folder, lbl_name)
     if img_path is None or lbl_path is None:
@@ -442,8 +494,11 @@ def load(
     hit = _MEMORY.get(key)
     if hit is not None:
         return hit
-    images = parse_idx(read_idx_bytes(img_path, fix=fix), img_path, fix=fix)
-    labels = parse_idx(read_idx_bytes(lbl_path, fix=fix), lbl_path, fix=fix)
+    raw = {img_name: read_idx_bytes(img_path, fix=fix), lbl_name: read_idx_bytes(lbl_path, fix=fix)}
+    images = parse_idx(raw[img_name], img_path, fix=fix)  # structural errors first: they say more
+    labels = parse_idx(raw[lbl_name], lbl_path, fix=fix)
+    if data_dir is None:  # the cache: every file is checked against the md5 recorded when it was written
+        _verify_cached(info, folder, raw, cache_dir)
     _check_pair(images, labels, img_path, lbl_path, fix)
     x = torch.from_numpy(images.reshape(images.shape[0], -1)).to(torch.float32).div_(255.0)
     y = torch.from_numpy(labels).to(torch.int64)

@@ -36,7 +36,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from sqs.core import DEFAULT_C, DEFAULT_LAM, DEFAULT_P, check_pair, check_sqs_params, compute_dtype, sqs_grad_math, sqs_math
+from sqs.core import (DEFAULT_C, DEFAULT_LAM, DEFAULT_P, KINDS, SAT, ConfigError, check_pair, check_tensor,
+                      compute_dtype, gate_constants, gate_value, gate_value_and_grad)
 from sqs.ops.gate import SQSFunction
 
 BACKENDS = ("auto", "compiled", "eager", "triton")
@@ -51,14 +52,14 @@ def set_backend(name: str) -> None:
     """Select the kernel backend: auto (default), compiled, eager or triton."""
     global _backend
     if name not in BACKENDS:
-        raise ValueError(f"set_backend: unknown backend {name!r}; choose one of {BACKENDS}")
+        raise ConfigError(f"set_backend: unknown backend {name!r}; choose one of {BACKENDS}")
     _backend = name
 
 
 def get_backend() -> str:
     """The backend selected by `set_backend`, `backend(...)` or SQS_BACKEND ("auto" by default)."""
     if _backend not in BACKENDS:
-        raise ValueError(f"SQS_BACKEND={_backend!r} is not a backend; choose one of {BACKENDS}")
+        raise ConfigError(f"SQS_BACKEND={_backend!r} is not a backend; choose one of {BACKENDS}")
     return _backend
 
 
@@ -114,18 +115,19 @@ def available_backends() -> list[str]:
 
 
 # ---- the two pointwise functions every backend computes -------------------------
+# `kind` and `k` are the gate's kernel form and constants (`sqs.core.gate_constants`): the
+# compiled kernels get `k` as 0-d tensors and are compiled once per form, not per value.
 
-def _fwd(w: torch.Tensor, v: torch.Tensor, c, lam, p) -> torch.Tensor:
+def _fwd(w: torch.Tensor, v: torch.Tensor, kind: str, *k) -> torch.Tensor:
     cd = compute_dtype(v.dtype)
-    return (w.to(cd) * sqs_math(v.to(cd), c, lam, p)).to(w.dtype)
+    return (w.to(cd) * gate_value(v.to(cd), kind, k, w.dtype)).to(w.dtype)
 
 
-def _bwd(g: torch.Tensor, w: torch.Tensor, v: torch.Tensor, c, lam, p) -> tuple[torch.Tensor, torch.Tensor]:
+def _bwd(g: torch.Tensor, w: torch.Tensor, v: torch.Tensor, kind: str, *k) -> tuple[torch.Tensor, torch.Tensor]:
     cd = compute_dtype(v.dtype)
-    gc, vc = g.to(cd), v.to(cd)
-    dw = gc * sqs_math(vc, c, lam, p)
-    dv = gc * w.to(cd) * sqs_grad_math(vc, c, lam, p)
-    return dw.to(w.dtype), dv.to(v.dtype)
+    gc = g.to(cd)
+    s, ds = gate_value_and_grad(v.to(cd), kind, k, w.dtype)
+    return (gc * s).to(w.dtype), (gc * w.to(cd) * ds).to(v.dtype)
 
 
 # Packed forms: x = [w | v] along the last dim, straight out of one [W; V] projection.
@@ -138,26 +140,32 @@ def _halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[..., :h], x[..., h:]
 
 
-def _fwd_packed(x: torch.Tensor, c, lam, p) -> torch.Tensor:
-    return _fwd(*_halves(x), c, lam, p)
+def _fwd_packed(x: torch.Tensor, kind: str, *k) -> torch.Tensor:
+    return _fwd(*_halves(x), kind, *k)
 
 
-def _bwd_packed(g: torch.Tensor, x: torch.Tensor, c, lam, p) -> torch.Tensor:
-    return torch.cat(_bwd(g, *_halves(x), c, lam, p), dim=-1)
+def _bwd_packed(g: torch.Tensor, x: torch.Tensor, kind: str, *k) -> torch.Tensor:
+    return torch.cat(_bwd(g, *_halves(x), kind, *k), dim=-1)
 
 
-def _p_is_one(fn: Callable) -> Callable:
-    """fn with p fixed to 1: the compiled kernel then has no pow/log (the default p)."""
-    def with_p1(*args):
-        return fn(*args, 1.0)
-    return with_p1
+_N_CONSTANTS = {"lam0": 1, "p1": 5, "general": 7}  # len(k) of each gate form (sqs.core.gate_constants)
+
+
+def _of_kind(fn: Callable, kind: str) -> Callable:
+    """fn(tensors..., *k) with the gate form fixed: each compiled kernel holds one form's arithmetic."""
+    n = _N_CONSTANTS[kind.removesuffix(SAT)]
+
+    def with_kind(*args):
+        return fn(*args[:-n], kind, *args[-n:])
+    return with_kind
 
 
 _GENERAL = {"fwd": _fwd, "bwd": _bwd, "fwd_packed": _fwd_packed, "bwd_packed": _bwd_packed}
-_KERNELS = {**_GENERAL, **{name + "_p1": _p_is_one(fn) for name, fn in _GENERAL.items()}}
+_KERNELS = {f"{name}_{kind}{sat}": _of_kind(fn, kind + sat)
+            for name, fn in _GENERAL.items() for kind in KINDS for sat in ("", SAT)}
 
 
-# Variants: 4 dtypes x {contiguous, strided} x {p == 1, general} per kernel: well under this.
+# Variants: 4 dtypes x {contiguous, strided} per kernel (one kernel per gate form): well under this.
 _RECOMPILE_LIMIT = 64
 
 
@@ -177,14 +185,13 @@ def _get_compiled(name: str) -> Callable:
 _scalar_cache: dict[tuple, tuple] = {}
 
 
-def _scalars(v: torch.Tensor, c: float, lam: float, p: float) -> tuple:
-    """Hyperparameters as 0-d tensors so a new value does not recompile (cached per value)."""
+def _scalars(v: torch.Tensor, k: tuple) -> tuple:
+    """The gate's constants as 0-d tensors so a new value does not recompile (cached per value)."""
     cd = compute_dtype(v.dtype)
-    key = (c, lam, p, cd, v.device)
+    key = (k, cd, v.device)
     out = _scalar_cache.get(key)
     if out is None:
-        mk = lambda x: torch.tensor(x, dtype=cd, device=v.device)  # noqa: E731
-        out = (mk(c), mk(lam)) if p == 1.0 else (mk(c), mk(lam), mk(p))
+        out = tuple(torch.tensor(x, dtype=cd, device=v.device) for x in k)
         if len(_scalar_cache) > 256:
             _scalar_cache.clear()
         _scalar_cache[key] = out
@@ -232,17 +239,17 @@ def _variant(name: str, flat: tuple) -> tuple:
     return (name, t.dtype, t.device.type, tuple(x.is_contiguous() for x in flat))
 
 
-def _run_compiled(kind: str, tensors: tuple, c: float, lam: float, p: float, shape: torch.Size):
-    """The compiled kernel `kind` on 2-D views of `tensors`, outputs viewed as `shape`;
-    None when it cannot run for these inputs (the caller then computes eagerly)."""
+def _run_compiled(op: str, tensors: tuple, kind: str, k: tuple, shape: torch.Size):
+    """The compiled kernel `op` for gate form `kind` on 2-D views of `tensors`, outputs viewed as
+    `shape`; None when it cannot run for these inputs (the caller then computes eagerly)."""
     global _toolchain_error
-    name = kind + ("_p1" if p == 1.0 else "")
+    name = f"{op}_{kind}"
     flat = tuple(_as_2d(t) for t in tensors)
     key = _variant(name, flat)
     if key in _failed_variants:
         return None
     try:
-        out = _get_compiled(name)(*flat, *_scalars(flat[-1], c, lam, p))
+        out = _get_compiled(name)(*flat, *_scalars(flat[-1], k))
     except Exception as e:
         broken = _toolchain_failure(e)
         if broken is not None:  # no working C++ compiler: no compiled kernel can ever build
@@ -275,8 +282,8 @@ def _resolve(t: torch.Tensor) -> str:
     b = get_backend()
     if b == "triton":
         if not _triton_usable(t):
-            raise RuntimeError("sqs: backend 'triton' needs CUDA tensors and an importable triton; "
-                               "use set_backend('auto') to fall back automatically")
+            raise ConfigError("sqs: backend 'triton' needs CUDA tensors and an importable triton; "
+                              "use set_backend('auto') to fall back automatically")
         return "triton"
     if b == "auto" and t.is_cuda and _triton_available():
         return "triton"
@@ -291,84 +298,89 @@ def _out_shape(kind: str, x: torch.Tensor) -> torch.Size:
     return x.shape
 
 
-def _dispatch(kind: str, tensors: tuple, c: float, lam: float, p: float):
+def _dispatch(op: str, tensors: tuple, params: tuple, gate: tuple):
+    """Run kernel `op` ("fwd", "bwd", "fwd_packed", "bwd_packed") on the chosen backend.
+    `params` = (c, lam, p) for Triton, `gate` = (kind, k) from `sqs.core.gate_constants`."""
     global _last_backend
     chosen = _resolve(tensors[-1])
     if chosen == "compiled":
-        out = _run_compiled(kind, tensors, c, lam, p, _out_shape(kind, tensors[-1]))
+        out = _run_compiled(op, tensors, *gate, _out_shape(op, tensors[-1]))
         if out is not None:
             _last_backend = "compiled"
             return out
         chosen = "eager"
     _last_backend = chosen
-    if kind.endswith("_packed"):  # triton and eager work on the two halves (views, no copy)
+    if op.endswith("_packed"):  # triton and eager work on the two halves (views, no copy)
         x = tensors[-1]
-        if kind == "fwd_packed":
+        if op == "fwd_packed":
             if chosen == "triton":
                 from sqs.ops import triton_sqs_glu
 
-                return triton_sqs_glu.forward(*_halves(x), c, lam, p)
-            return _fwd(*_halves(x), c, lam, p)
+                return triton_sqs_glu.forward(*_halves(x), *params)
+            return _fwd(*_halves(x), gate[0], *gate[1])
         if chosen == "triton":  # the kernel writes dw and dv straight into the halves of dx
             from sqs.ops import triton_sqs_glu
 
             dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-            triton_sqs_glu.backward(tensors[0], *_halves(x), c, lam, p, out=_halves(dx))
+            triton_sqs_glu.backward(tensors[0], *_halves(x), *params, out=_halves(dx))
             return dx
-        return torch.cat(_bwd(tensors[0], *_halves(x), c, lam, p), dim=-1)
+        return torch.cat(_bwd(tensors[0], *_halves(x), gate[0], *gate[1]), dim=-1)
     if chosen == "triton":
         from sqs.ops import triton_sqs_glu
 
-        fn = triton_sqs_glu.forward if kind == "fwd" else triton_sqs_glu.backward
-        return fn(*tensors, c, lam, p)
-    fn = _fwd if kind == "fwd" else _bwd
-    return fn(*tensors, c, lam, p)
+        fn = triton_sqs_glu.forward if op == "fwd" else triton_sqs_glu.backward
+        return fn(*tensors, *params)
+    fn = _fwd if op == "fwd" else _bwd
+    return fn(*tensors, gate[0], *gate[1])
 
 
 class SQSGLUFunction(torch.autograd.Function):
     """y = w * sqs(v); saves only w and v, recomputes the gate in backward."""
 
     @staticmethod
-    def forward(ctx, w: torch.Tensor, v: torch.Tensor, c: float, lam: float, p: float) -> torch.Tensor:
+    def forward(ctx, w: torch.Tensor, v: torch.Tensor, params: tuple, gate: tuple) -> torch.Tensor:
         ctx.save_for_backward(w, v)
-        ctx.params = (c, lam, p)
-        return _dispatch("fwd", (w, v), c, lam, p)
+        ctx.params, ctx.gate = params, gate
+        return _dispatch("fwd", (w, v), params, gate)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         w, v = ctx.saved_tensors
-        dw, dv = _dispatch("bwd", (g.contiguous() if g.is_cuda else g, w, v), *ctx.params)
-        return dw, dv, None, None, None
+        dw, dv = _dispatch("bwd", (g.contiguous() if g.is_cuda else g, w, v), ctx.params, ctx.gate)
+        return dw, dv, None, None
 
 
 class SQSGLUPackedFunction(torch.autograd.Function):
     """y = w * sqs(v) for x = [w | v]; saves only x, returns the gradient of x in one piece."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, c: float, lam: float, p: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, params: tuple, gate: tuple) -> torch.Tensor:
         ctx.save_for_backward(x)
-        ctx.params = (c, lam, p)
-        return _dispatch("fwd_packed", (x,), c, lam, p)
+        ctx.params, ctx.gate = params, gate
+        return _dispatch("fwd_packed", (x,), params, gate)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         (x,) = ctx.saved_tensors
-        dx = _dispatch("bwd_packed", (g.contiguous() if g.is_cuda else g, x), *ctx.params)
-        return dx, None, None, None
+        dx = _dispatch("bwd_packed", (g.contiguous() if g.is_cuda else g, x), ctx.params, ctx.gate)
+        return dx, None, None
 
 
 def sqs_glu(w: torch.Tensor, v: torch.Tensor, c: float = DEFAULT_C, lam: float = DEFAULT_LAM,
             p: float = DEFAULT_P) -> torch.Tensor:
-    """Fused w * sqs(v) for any shape; see the module docstring for backends."""
+    """Fused w * sqs(v) for any shape; see the module docstring for backends.
+
+    The gate factor sqs(v) and the derivative factor sqs'(v) are finite for finite v, take
+    their limits at v = +-inf and are NaN only where v is NaN (docs/gate.md); y, dw and dv are
+    those factors times w and the incoming gradient, rounded once.
+    """
     check_pair(w, v)
-    check_sqs_params(c, lam, p)
-    if not w.is_floating_point():
-        raise TypeError(f"sqs_glu: `w` and `v` must be floating point, got {w.dtype}")
+    kind, k = gate_constants(c, lam, p, v.dtype)
     if torch.compiler.is_compiling():
         # Inside the user's own torch.compile: the same math as plain ops, which Inductor fuses with
         # the neighbouring matmul epilogues; calling our separately compiled kernel would break the graph.
-        return w * SQSFunction.apply(v, float(c), float(lam), float(p))
-    return SQSGLUFunction.apply(w, v, float(c), float(lam), float(p))
+        return w * SQSFunction.apply(v, kind, k)
+    return SQSGLUFunction.apply(w, v, (float(c), float(lam), float(p)), (kind, k))
 
 
 def sqs_glu_packed(x: torch.Tensor, c: float = DEFAULT_C, lam: float = DEFAULT_LAM,
@@ -379,15 +391,12 @@ def sqs_glu_packed(x: torch.Tensor, c: float = DEFAULT_C, lam: float = DEFAULT_L
     writes the gradient of x directly instead of dw and dv that autograd then copies
     together (`sqs.nn.GLU` uses this form).
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"sqs_glu_packed: `x` must be a torch.Tensor, got {type(x).__name__}")
+    check_tensor("x", x, "sqs_glu_packed")
     if x.dim() == 0 or x.shape[-1] % 2:
-        raise ValueError(f"sqs_glu_packed: the last dim of `x` holds [w | v] and must be even, got shape "
-                         f"{tuple(x.shape)}; pass w and v separately to sqs_glu instead")
-    if not x.is_floating_point():
-        raise TypeError(f"sqs_glu_packed: `x` must be floating point, got {x.dtype}")
-    check_sqs_params(c, lam, p)
+        raise ConfigError(f"sqs_glu_packed: the last dim of `x` holds [w | v] and must be even, got shape "
+                          f"{tuple(x.shape)}; pass w and v separately to sqs_glu instead")
+    kind, k = gate_constants(c, lam, p, x.dtype)
     if torch.compiler.is_compiling():  # see sqs_glu
         w, v = _halves(x)
-        return w * SQSFunction.apply(v, float(c), float(lam), float(p))
-    return SQSGLUPackedFunction.apply(x, float(c), float(lam), float(p))
+        return w * SQSFunction.apply(v, kind, k)
+    return SQSGLUPackedFunction.apply(x, (float(c), float(lam), float(p)), (kind, k))

@@ -6,8 +6,11 @@
     forward:  y  = w * sqs(v)
     backward: dw = g * sqs(v),  dv = g * w * sqs'(v)
 
-Conventions as in `sqs.core`: sgn(0) = 0; at v == 0, |v|^(p-1) is 1 for
-p == 1 (the simple form above) and 0 otherwise.
+Conventions and numerics as in `sqs.core`: sgn(0) = 0; at v == 0, |v|^(p-1) is
+1 for p == 1 (the simple form above) and 0 otherwise; finite for finite v
+(saturating), the limits at +-inf, NaN only for NaN. The kernels evaluate the
+same three forms as `sqs.core.gate_value_and_grad` (lam = 0, p = 1, general p),
+with the same host-side constants (`sqs.core.gate_constants`).
 
 Design (after Liger-Kernel's SwiGLU: one pass over memory each way, the gate
 recomputed in backward from the saved w and v, nothing else saved):
@@ -29,11 +32,13 @@ recomputed in backward from the saved w and v, nothing else saved):
   width, the plain 1-D elementwise kernel. Same kernel, other view.
 * Arithmetic in float32 for fp16/bf16/fp32 inputs, float64 for float64 inputs
   (so `torch.autograd.gradcheck` on CUDA checks the real kernel); results are
-  rounded once, to the input dtype, on store. Hyperparameters are passed as fp64
-  scalars and rounded to the compute dtype in the kernel.
-* p == 1 is a `tl.constexpr` specialisation: no pow, no log. Other p use
-  |v|^p = exp2(p * log2|v|) (exact 0 at v == 0 since p > 0) and
-  |v|^(p-1) = |v|^p / |v| for v != 0: one transcendental pair for both.
+  rounded once, to the input dtype, on store. The gate's constants are passed as
+  fp64 scalars and rounded to the compute dtype in the kernel.
+* The gate form is a `tl.constexpr` (KIND): lam = 0 and p = 1 have no pow and no
+  log. Other p use lam |v|^p = exp2(p log2|v| + log2 lam) (exact 0 at v == 0
+  since p > 0), one log2/exp2 pair for the gate and its derivative. In float32,
+  subnormal |v| are scaled by 2^24 before log2/sqrt, so a GPU's fast
+  approximations that flush subnormals to zero do not turn them into 0/0.
 * Backward allocates exactly dw and dv (fresh buffers; the saved w and v are
   never overwritten, autograd may still need them elsewhere), or writes into the
   two halves of one gradient buffer it is given (`out=`, the packed op's dx).
@@ -49,6 +54,9 @@ module never fails: without triton the kernels are simply not defined and
 import os
 
 import torch
+
+from sqs.core import KINDS, gate_constants
+from sqs.core import SAT as SAT_SUFFIX
 
 try:  # triton is optional (the `triton` extra); never fail at import
     import triton
@@ -78,18 +86,63 @@ def _interpreting() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _sqs_parts(v, c, lam, p, P_IS_ONE: tl.constexpr):
-        """sgn-shifted numerator, denominator and |v|^p of sqs(v)."""
+    def _sat(x, big):
+        """x clamped to [-big, big]; NaN stays NaN (both comparisons are false for it)."""
+        return tl.where(x > big, big, tl.where(x < -big, -big, x))
+
+    @triton.jit
+    def _gate(v, k0, k1, k2, k3, k4, k5, k6, big, KIND: tl.constexpr, SAT: tl.constexpr, GRAD: tl.constexpr,
+              IS_FP64: tl.constexpr):
+        """(sqs(v), sqs'(v)) in the kernel form KIND (0 lam0, 1 p1, 2 general) of `sqs.core`, with
+        its constants k0..k6 (`sqs.core.gate_constants`); sqs'(v) only when GRAD."""
         a = tl.abs(v)
         sgn = tl.where(v > 0, 1.0, tl.where(v < 0, -1.0, 0.0)).to(v.dtype)
-        if P_IS_ONE:
-            ap = a
+        is_inf = a == float("inf")
+        dy = v  # placeholder when GRAD is off
+        if KIND == 0:  # lam = 0: v - c sgn v, derivative 1
+            y = v - k0 * sgn
+            if SAT:
+                y = tl.where(is_inf, v, _sat(y, big))
+            if GRAD:
+                dy = tl.where(v != v, v, 1.0)
         else:
-            # |v|^p = exp2(p*log2|v|); 0 at v == 0 without evaluating log2(0).
-            # Tested with `a == 0` (not `a > 0`) so that NaN propagates.
-            ap = tl.where(a == 0, 0.0, tl.exp2(p * tl.log2(tl.where(a == 0, 1.0, a))))
-        den = 1.0 + lam * ap
-        return v - c * sgn, den, a, ap
+            if KIND == 1:  # p = 1: (v - c sgn) / (1 + lam |v|), derivative (kappa t) t; the limit past k3
+                over = a >= k3
+                if GRAD:
+                    t = 1.0 / (1.0 + k1 * a)
+                    y = tl.where(over, sgn * k4, (v - k0 * sgn) * t)
+                    dy = tl.where(over, 0.0, (k2 * t) * t)
+                    if SAT:
+                        dy = _sat(dy, big)
+                else:
+                    y = tl.where(over, sgn * k4, (v - k0 * sgn) / (1.0 + k1 * a))
+            else:  # general p: u = lam |v|^p = 2^e, in the two regimes u < 1 and u >= 1
+                if IS_FP64:
+                    lg = tl.log2(a)
+                    sq = tl.sqrt(tl.maximum(a, 4.9406564584124654e-324))
+                else:
+                    # Subnormal |v| scaled by 2^24 first: a GPU's fast log2/sqrt may flush them to 0.
+                    sub = a < 1.1754943508222875e-38
+                    a_s = tl.where(sub, a * 16777216.0, a)
+                    lg = tl.log2(a_s) - tl.where(sub, 24.0, 0.0)
+                    sq = tl.sqrt(tl.maximum(a_s, 1.1754943508222875e-38)) * tl.where(sub, 0.000244140625, 1.0)
+                e = k1 * lg + k2
+                small = e < 0
+                m2 = tl.exp2(-0.5 * tl.abs(e))
+                m = m2 * m2
+                h = 1.0 / (1.0 + m)
+                n = v - k0 * sgn
+                y = tl.where(small, n * h, (n * m2) * (m2 * h))
+                if GRAD:
+                    h2 = h * h
+                    b = tl.where(small, 1.0 + k3 * m, m2 * (m2 * (m + k3)))
+                    r = m2 / sq
+                    dy = _sat(h2 * b + (h2 * (k4 * r)) * (k5 * r), big)
+            if SAT:
+                y = _sat(y, big)
+            if KIND == 2:
+                y = tl.where(is_inf, sgn * k6, y)
+        return y, dy
 
     @triton.jit
     def _tile(pid, n_rows, n_cols, n_col_blocks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -106,51 +159,40 @@ if triton is not None:
         w_ptr, v_ptr, y_ptr,
         w_row_stride, v_row_stride, y_row_stride,
         n_rows, n_cols, n_col_blocks,
-        c: tl.float64, lam: tl.float64, p: tl.float64,
-        P_IS_ONE: tl.constexpr, IS_FP64: tl.constexpr,
+        k0: tl.float64, k1: tl.float64, k2: tl.float64, k3: tl.float64, k4: tl.float64, k5: tl.float64,
+        k6: tl.float64, big: tl.float64,
+        KIND: tl.constexpr, SAT: tl.constexpr, IS_FP64: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         rows, cols, mask = _tile(tl.program_id(0), n_rows, n_cols, n_col_blocks, BLOCK_M, BLOCK_N)
         CDT: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
-        c_ = tl.full((), c, CDT)
-        lam_ = tl.full((), lam, CDT)
-        p_ = tl.full((), p, CDT)
-
         w = tl.load(w_ptr + rows * w_row_stride + cols, mask=mask, other=0.0).to(CDT)
         v = tl.load(v_ptr + rows * v_row_stride + cols, mask=mask, other=0.0).to(CDT)
-        num, den, a, ap = _sqs_parts(v, c_, lam_, p_, P_IS_ONE)
-        y = w * (num / den)
-        tl.store(y_ptr + rows * y_row_stride + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+        s, _ = _gate(v, tl.full((), k0, CDT), tl.full((), k1, CDT), tl.full((), k2, CDT), tl.full((), k3, CDT),
+                     tl.full((), k4, CDT), tl.full((), k5, CDT), tl.full((), k6, CDT), tl.full((), big, CDT),
+                     KIND, SAT, False, IS_FP64)
+        tl.store(y_ptr + rows * y_row_stride + cols, (w * s).to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _sqs_glu_bwd_kernel(
         g_ptr, w_ptr, v_ptr, dw_ptr, dv_ptr,
         g_row_stride, w_row_stride, v_row_stride, dw_row_stride, dv_row_stride,
         n_rows, n_cols, n_col_blocks,
-        c: tl.float64, lam: tl.float64, p: tl.float64,
-        P_IS_ONE: tl.constexpr, IS_FP64: tl.constexpr,
+        k0: tl.float64, k1: tl.float64, k2: tl.float64, k3: tl.float64, k4: tl.float64, k5: tl.float64,
+        k6: tl.float64, big: tl.float64,
+        KIND: tl.constexpr, SAT: tl.constexpr, IS_FP64: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         rows, cols, mask = _tile(tl.program_id(0), n_rows, n_cols, n_col_blocks, BLOCK_M, BLOCK_N)
         CDT: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
-        c_ = tl.full((), c, CDT)
-        lam_ = tl.full((), lam, CDT)
-        p_ = tl.full((), p, CDT)
-
         g = tl.load(g_ptr + rows * g_row_stride + cols, mask=mask, other=0.0).to(CDT)
         w = tl.load(w_ptr + rows * w_row_stride + cols, mask=mask, other=0.0).to(CDT)
         v = tl.load(v_ptr + rows * v_row_stride + cols, mask=mask, other=0.0).to(CDT)
-        num, den, a, ap = _sqs_parts(v, c_, lam_, p_, P_IS_ONE)
-        dw = g * (num / den)
-        if P_IS_ONE:
-            dsqs = (1.0 + lam_ * c_) / (den * den)
-        else:
-            # |v|^(p-1) = |v|^p / |v|, defined as 0 at v == 0 (p != 1)
-            apm1 = tl.where(a == 0, 0.0, ap / tl.where(a == 0, 1.0, a))
-            dsqs = (1.0 + lam_ * (1.0 - p_) * ap + lam_ * p_ * c_ * apm1) / (den * den)
-        dv = g * w * dsqs
-        tl.store(dw_ptr + rows * dw_row_stride + cols, dw.to(dw_ptr.dtype.element_ty), mask=mask)
-        tl.store(dv_ptr + rows * dv_row_stride + cols, dv.to(dv_ptr.dtype.element_ty), mask=mask)
+        s, ds = _gate(v, tl.full((), k0, CDT), tl.full((), k1, CDT), tl.full((), k2, CDT), tl.full((), k3, CDT),
+                      tl.full((), k4, CDT), tl.full((), k5, CDT), tl.full((), k6, CDT), tl.full((), big, CDT),
+                      KIND, SAT, True, IS_FP64)
+        tl.store(dw_ptr + rows * dw_row_stride + cols, (g * s).to(dw_ptr.dtype.element_ty), mask=mask)
+        tl.store(dv_ptr + rows * dv_row_stride + cols, (g * w * ds).to(dv_ptr.dtype.element_ty), mask=mask)
 
 
 # ---- host side -------------------------------------------------------------------
@@ -210,12 +252,15 @@ def _launch(kernel, ins: tuple[torch.Tensor, ...], n_out: int, c: float, lam: fl
     block_m, block_n, num_warps = _settings(n_rows, n_cols)
     n_col_blocks = -(-n_cols // block_n)
     grid = (-(-n_rows // block_m) * n_col_blocks,)
+    kind, k = gate_constants(c, lam, p, dtype)
+    k = tuple(k) + (0.0,) * (7 - len(k))
     kernel[grid](
         *tensors,
         *(t.stride(0) for t in tensors),
         n_rows, n_cols, n_col_blocks,
-        float(c), float(lam), float(p),
-        P_IS_ONE=(float(p) == 1.0), IS_FP64=(dtype == torch.float64),
+        *k, torch.finfo(dtype).max,
+        KIND=KINDS.index(kind.removesuffix(SAT_SUFFIX)), SAT=kind.endswith(SAT_SUFFIX),
+        IS_FP64=(dtype == torch.float64),
         BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=num_warps,
     )

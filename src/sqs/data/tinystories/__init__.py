@@ -8,7 +8,7 @@ Layout of the cache (root from :func:`sqs.data.cache.cache_dir`)::
     <cache>/tinystories/tokenizer-<V>.json     byte-level BPE, <|endoftext|> = id 0
     <cache>/tinystories/tokenizer-<V>.meta.json  the train-split sha256 it was trained on
     <cache>/tinystories/tokens-<split>-<key>.bin   uint16 token ids, EOT after every story
-    <cache>/tinystories/tokens-<split>-<key>.json  tokens / bytes / stories of that file
+    <cache>/tinystories/tokens-<split>-<key>.json  tokens / bytes / stories / sha256 of that file
     <cache>/tinystories/download/              official files when fetched from the hub
 
 The package never reads a shared data folder on its own: :func:`fetch` with ``src`` (the CLI's
@@ -27,11 +27,13 @@ Their public names are importable from here.
 """
 
 from sqs.data.tinystories.corpus import HOLDOUT_PER_10000, import_corpus
-from sqs.data.tinystories.layout import EOT, JOINER, SPLITS, TinyStoriesError, data_dir, iter_stories, sample_dir
+from sqs.data.tinystories.layout import (EOT, JOINER, SPLITS, TinyStoriesError, data_dir, iter_stories, sample_dir,
+                                         verify_split)
 from sqs.data.tinystories.mojibake import repair_mojibake
 from sqs.data.tinystories.remote import OFFICIAL_SHA256, OFFICIAL_URLS, download, fetch
-from sqs.data.tinystories.token_cache import bits_per_byte, encode_split, prepare, split_stats
-from sqs.data.tinystories.tokenizer import load_tokenizer, train_tokenizer
+from sqs.data.tinystories.token_cache import bits_per_byte, encode_split, prepare, split_stats, verify_token_cache
+from sqs.data.tinystories.tokenizer import (copy_tokenizer, ensure_tokenizer_copy, load_tokenizer, recorded_sha256,
+                                            train_tokenizer, verify_tokenizer_file)
 
 __all__ = [
     "TinyStoriesError",
@@ -54,4 +56,10 @@ __all__ = [
     "prepare",
     "sample_dir",
     "data_dir",
+    "verify_split",
+    "verify_token_cache",
+    "verify_tokenizer_file",
+    "copy_tokenizer",
+    "ensure_tokenizer_copy",
+    "recorded_sha256",
 ]

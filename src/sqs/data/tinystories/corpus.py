@@ -11,6 +11,7 @@ import zlib
 from pathlib import Path
 from typing import Callable, Iterator
 
+from sqs.data.cache import check_writable, writing_cache
 from sqs.data.tinystories.layout import EOT, FROM_HINT, JOINER, TinyStoriesError, data_dir
 from sqs.data.tinystories.mojibake import repair_mojibake
 from sqs.io import atomic_write, write_json
@@ -175,7 +176,9 @@ def import_corpus(src_dir: str | os.PathLike, cache_dir: str | os.PathLike | Non
     valid_files = [p for p in files if _is_valid_name(p.name)]
     train_files = [p for p in files if not _is_valid_name(p.name)]
     holdout = not valid_files
-    out = data_dir(cache_dir)
+    fix = ("choose a writable cache folder: `sqs data fetch tinystories --from "
+           f"{src} --cache-dir DIR` (or set SQS_CACHE_DIR=DIR; Python: cache_dir=DIR)")
+    out = check_writable(data_dir(cache_dir, fix=fix), "TinyStories", fix)  # the real cause first
 
     seen: dict[bytes, str] = {}  # digest -> split it went to
     per_file: list[dict] = []
@@ -207,6 +210,9 @@ def import_corpus(src_dir: str | os.PathLike, cache_dir: str | os.PathLike | Non
                 seen[d] = target
                 writers[target].add(story)
                 fs["stories_kept"] += 1
+            if fs["stories_read"] == fs["empty_dropped"]:
+                raise TinyStoriesError(f"{path}: holds no stories (only separators and blank lines). To fix: put "
+                                       "the stories in it, or remove it from the folder.")
             letters = st["upper"] + st["lower"]
             ratio = st["upper"] / letters if letters else 0.0
             fs.update(separators=st["separators"], mojibake_repairs=st["mojibake_repairs"],
@@ -227,8 +233,9 @@ def import_corpus(src_dir: str | os.PathLike, cache_dir: str | os.PathLike | Non
             inner(f)
 
     try:
-        atomic_write(out / "train.txt", lambda tp: open_and(
-            tp, lambda tf: atomic_write(out / "valid.txt", lambda vp: open_and(vp, lambda vf: run(tf, vf)))))
+        with writing_cache(out, "TinyStories", fix):
+            atomic_write(out / "train.txt", lambda tp: open_and(
+                tp, lambda tf: atomic_write(out / "valid.txt", lambda vp: open_and(vp, lambda vf: run(tf, vf)))))
     finally:
         pbar.close()
 
@@ -254,5 +261,6 @@ def import_corpus(src_dir: str | os.PathLike, cache_dir: str | os.PathLike | Non
         sha256={k: v["sha256"] for k, v in splits.items()},
         seconds=round(time.time() - t0, 2),
     )
-    write_json(out / "import_report.json", report)
+    with writing_cache(out, "TinyStories", fix):
+        write_json(out / "import_report.json", report)
     return report

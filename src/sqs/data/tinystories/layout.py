@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from sqs.data.cache import CACHE_HINT, writing_cache
 from sqs.data.cache import cache_dir as _cache_root
 from sqs.io import UserError
 
@@ -23,10 +24,17 @@ class TinyStoriesError(UserError, ValueError):
     """The TinyStories input or cache is unusable. The message names the file and the fix."""
 
 
-def data_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """``<cache>/tinystories`` (created)."""
-    d = _cache_root(cache_dir) / "tinystories"
-    d.mkdir(parents=True, exist_ok=True)
+#: What to do when the TinyStories cache cannot be written.
+CACHE_FIX = CACHE_HINT + " (e.g. `sqs data fetch tinystories --from SRC --cache-dir DIR`; Python: cache_dir=DIR)"
+#: What repairs a damaged import.
+REIMPORT = "re-import it: `sqs data fetch tinystories --from DIR` (Python: sqs.data.tinystories.fetch(src=DIR))"
+
+
+def data_dir(cache_dir: str | os.PathLike | None = None, *, fix: str = CACHE_FIX) -> Path:
+    """``<cache>/tinystories`` (created; `fix` is the advice when it cannot be)."""
+    d = _cache_root(cache_dir, fix=fix) / "tinystories"
+    with writing_cache(d, "TinyStories", fix):
+        d.mkdir(parents=True, exist_ok=True)
     return d
 
 
@@ -65,6 +73,22 @@ def split_sha256(split: str, cache_dir) -> str:
     except (OSError, KeyError, ValueError, TypeError):
         pass
     return sha256_file(p)
+
+
+def verify_split(split: str, cache_dir) -> str:
+    """sha256 of the imported split, read in full and compared with the one import_report.json
+    recorded when it was written; a mismatch is damage, named with the command that repairs it.
+    (Run before anything is built from the text: the tokenizer, the token files.)"""
+    p = split_path(split, cache_dir)
+    got = sha256_file(p)
+    try:
+        want = json.loads((p.parent / "import_report.json").read_text())["splits"][split]["sha256"]
+    except (OSError, KeyError, ValueError, TypeError):
+        return got  # imported before reports recorded it: nothing to compare with
+    if got != want:
+        raise TinyStoriesError(f"{p}: the imported {split} split is damaged (sha256 {got[:16]}..., recorded "
+                               f"{want[:16]}... when it was imported). To fix: {REIMPORT}.")
+    return got
 
 
 def iter_stories(split: str, cache_dir: str | os.PathLike | None = None) -> Iterator[str]:

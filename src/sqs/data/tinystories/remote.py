@@ -10,8 +10,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from sqs.data.cache import check_writable
 from sqs.data.tinystories.corpus import import_corpus
-from sqs.data.tinystories.layout import FROM_HINT, TinyStoriesError, data_dir, sha256_file
+from sqs.data.tinystories.layout import CACHE_FIX, FROM_HINT, TinyStoriesError, data_dir, sha256_file
 
 _HF = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
 #: The official V1 text files (the names decide the split: "valid" in the name -> validation).
@@ -134,7 +135,7 @@ def fetch(src: str | os.PathLike | None = None, cache_dir: str | os.PathLike | N
     """
     if src is not None:
         return import_corpus(src, cache_dir=cache_dir, progress=progress)
-    dl = data_dir(cache_dir) / "download"
+    dl = check_writable(data_dir(cache_dir) / "download", "TinyStories download", CACHE_FIX)
     for name, url in OFFICIAL_URLS.items():
         try:
             download(url, dl / name, sha256=OFFICIAL_SHA256.get(name), progress=progress)
