@@ -5,6 +5,7 @@
     sqs experiment table1|spectra|tinystories
     sqs spectra decompose|compare|explain ...
     sqs generate RUN_DIR --prompt ...
+    sqs convert run|report ...
     sqs bench ops|glu|head|lm
     sqs demo
 
@@ -25,7 +26,7 @@ import os
 import sys
 import traceback
 
-from sqs.cli import bench, data, demo, experiment, generate, spectra, train
+from sqs.cli import bench, convert, data, demo, experiment, generate, spectra, train
 
 GROUPS = {
     "data": "obtain and prepare datasets",
@@ -34,7 +35,7 @@ GROUPS = {
     "spectra": "eigendecompose trained models and plot their features",
     "bench": "benchmarks that print ratios measured side by side",
 }
-MODULES = (data, bench, train, experiment, spectra, generate, demo)
+MODULES = (data, bench, train, experiment, spectra, generate, demo, convert)
 
 
 # Errors of the file system that a person fixes (a path that is not there, not readable or
