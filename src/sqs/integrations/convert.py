@@ -346,6 +346,7 @@ def anneal_to(model: nn.Module, train_blocks: torch.Tensor, eval_sets: dict[str,
             raise ConfigError(f"convert: the training loss became {rec['loss']} at step {step}; "
                               "lower the learning rate (--lr)")
         log(rec)
+        say(f"step {step}/{cfg.steps} t={t:.3f} lr={lr:.2e} train loss {rec['loss']:.4f} ({rec['step_s']:.1f} s)")
         if step % cfg.eval_every == 0 or step == cfg.steps:
             ev = {"kind": "eval", "step": step, "t": t, "current": _eval(model, eval_sets, lm_loss, eval_batch)}
             if t < 1.0:  # what the model would be if the annealing stopped here, at the target gate
@@ -356,8 +357,7 @@ def anneal_to(model: nn.Module, train_blocks: torch.Tensor, eval_sets: dict[str,
                 ev["target"] = ev["current"]
             ev["time_s"] = time.time() - t0
             log(ev)
-            say(f"step {step}/{cfg.steps} t={t:.3f} train {rec['loss']:.4f} held-out {ev['current']} "
-                f"(at the target gate {ev['target']}) {rec['step_s']:.1f} s/step")
+            say(f"step {step}: held-out {ev['current']} (at the target gate {ev['target']})")
         if run_dir is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
             save_checkpoint(run_dir / CHECKPOINT, holder, opt, {"step": step}, keep_previous=True)
         if stop_after is not None and step >= stop_after:
