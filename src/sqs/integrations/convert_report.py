@@ -56,7 +56,7 @@ def _plot(runs: list[dict], path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     sets = sorted({k for r in runs for k in r["final"]})
-    fig, axes = plt.subplots(1, len(sets), figsize=(6.4 * len(sets), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(sets) + 1, figsize=(6.4 * (len(sets) + 1), 4.2), squeeze=False)
     colors = {"sqs": "tab:red", "bilinear": "tab:blue"}
     for ax, name in zip(axes[0], sets):
         for r in runs:
@@ -72,6 +72,14 @@ def _plot(runs: list[dict], path: Path, title: str) -> Path:
         ax.set_xlabel("optimizer step (dotted: t reaches 1)")
         ax.set_ylabel(f"held-out loss on {name} (nats/token)")
         ax.legend(fontsize=7)
+    ax = axes[0][-1]
+    for r in runs:
+        ax.plot([x["step"] for x in r["train"]], [x["loss"] for x in r["train"]], ".-",
+                color=colors.get(r["target"], None), label=f"{r['target']}: training batch loss")
+        ax.axvline(r["anneal_steps"], color=colors.get(r["target"], None), lw=0.8, ls=":")
+    ax.set_xlabel("optimizer step (dotted: t reaches 1)")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     return save_figure(fig, path)
