@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv and install the package with its test extras and the Hugging Face extra
-# (transformers, so the tests can check sqs.integrations.transformers on tiny models). The package asks only for a
+# Create .venv and install the package with its test extras and the Hugging Face extras
+# (transformers, so the tests can check sqs.integrations.transformers on tiny models; gguf + accelerate,
+# about 0.5 MB of wheels, so they can write and load tiny GGUF files). The package asks only for a
 # torch lower bound (pyproject.toml); here we install the tested version, 2.13.0, first, so
 # pip takes the CPU build when one is available locally instead of pulling a CUDA build.
 set -euo pipefail
@@ -11,7 +12,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test,hf]"
+.venv/bin/python -m pip install -q -e ".[test,hf,gguf]"
 # Optional: triton lets the test suite run the GPU kernel under Triton's CPU
 # interpreter. Nothing needs it; skip quietly where it cannot be installed.
 if [ "${SQS_SKIP_TRITON:-0}" != "1" ]; then

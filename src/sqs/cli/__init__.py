@@ -1,10 +1,11 @@
 """The `sqs` command: one entry point, subcommands grouped by what they act on.
 
-    sqs data fetch mnist|fashion-mnist|tinystories         (sqs.cli.data_commands)
+    sqs data fetch mnist|fashion-mnist|tinystories|smollm2|shakespeare   (sqs.cli.data_commands)
     sqs train image|lm ...                                 (sqs.cli.train_commands)
     sqs experiment table1|spectra|frontier|tinystories|lm-spectra   (sqs.cli.experiment_commands)
     sqs spectra decompose|compare|explain|lm ...           (sqs.cli.spectra_commands)
     sqs generate RUN_DIR --prompt ...                      (sqs.cli.generate_command)
+    sqs convert run|report ...                             (sqs.cli.convert_commands)
     sqs bench ops|glu|head|lm|hf                           (sqs.cli.bench_commands)
     sqs demo                                               (sqs.cli.demo_command)
 
@@ -27,6 +28,7 @@ import traceback
 
 from sqs.cli import (
     bench_commands,
+    convert_commands,
     data_commands,
     demo_command,
     experiment_commands,
@@ -43,7 +45,7 @@ GROUPS = {
     "bench": "benchmarks that print ratios measured side by side",
 }
 MODULES = (data_commands, bench_commands, train_commands, experiment_commands, spectra_commands, generate_command,
-           demo_command)
+           demo_command, convert_commands)
 
 
 # Errors of the file system that a person fixes (a path that is not there, not readable or
