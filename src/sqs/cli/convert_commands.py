@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from sqs.cli._args import bounded, nonneg_float, nonneg_int, positive_float, positive_int
+from sqs.cli.args import bounded, nonneg_float, nonneg_int, positive_float, positive_int
 
 
 def _run(args) -> int:

@@ -16,7 +16,7 @@ Modules: `readings` (the math of a reading: per-unit gate fits, forms in [x; 1],
 in pixel space), `agreement` (fair eigenvector matching), `lm_quadratic` (decoder GLU layers).
 
 Pure analysis over models, weight tensors and data tensors: nothing here reads run
-directories or trains (the Sec. 4.1 experiment is `sqs.experiments.spectra`).
+directories or trains (the Sec. 4.1 experiment is `sqs.experiments.weight_spectra`).
 `sqs.interp.plots` draws the figures (matplotlib).
 """
 
