@@ -219,3 +219,130 @@ def test_the_cli_converts_a_gguf_model_on_a_text_file(tmp_path, capsys):
     assert (tmp_path / "run" / "model" / "config.json").is_file()
     assert (tmp_path / "run" / "model" / "tokenizer.json").is_file()
     assert "model saved in" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- per-layer distillation
+
+DISTILL = dict(steps=2, batch=4, context=12, lr=3e-3, warmup_steps=1, eval_every=2, checkpoint_every=2,
+               distill_steps=6, distill_anneal_steps=4, distill_batch=32, distill_blocks=16, distill_lr=1e-2,
+               distill_warmup_steps=1, distill_eval_every=2)
+
+
+def test_the_cache_holds_each_mlps_own_input_and_the_original_output():
+    from sqs.integrations.convert import MLPCache
+
+    model = tiny_llama()
+    cache = MLPCache.of(model, TRAIN[:5], batch=2)
+    assert len(cache.inputs) == 2 and cache.rows == 5 * 12
+    layer = model.model.layers[1]
+    x = TRAIN[:5]
+    seen = []
+    h = layer.post_attention_layernorm.register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    with torch.no_grad():
+        model(input_ids=x)
+    h.remove()
+    n = seen[0].reshape(-1, 32)
+    torch.testing.assert_close(cache.inputs[1].float(), n, rtol=1e-2, atol=1e-2)  # bfloat16 storage
+    with torch.no_grad():
+        torch.testing.assert_close(cache.outputs[1].float(), layer.mlp(n), rtol=1e-2, atol=1e-2)
+
+
+def test_a_distillation_step_fits_each_layer_to_the_original_with_the_fused_target_gate():
+    from sqs.integrations.convert import MLPCache, distill_step
+
+    model = tiny_llama()
+    cache = MLPCache.of(model, TRAIN[:4])
+    mlps = attach(model, "sqs", PARAMS)
+    set_t(model, 1.0)
+    for m in mlps:
+        m.act_fn = _Forbidden()  # at t = 1 only the fused op runs
+    rows = torch.arange(10)
+    var = cache.variances()
+    want = []
+    with torch.no_grad():
+        for m, x, y, v in zip(mlps, cache.inputs, cache.outputs, var):
+            packed, _, _ = _mlp_inputs(m, x[rows].float())
+            pred = m.down_proj(glu_packed(packed, "sqs", **PARAMS))
+            want.append(float(((pred - y[rows].float()) ** 2).mean() / v))
+    before = [m.up_proj.weight.clone() for m in mlps]
+    opt = torch.optim.AdamW([p for m in mlps for p in m.parameters()], lr=1e-2)
+    got = distill_step(mlps, cache, rows, var, opt)
+    assert got == pytest.approx(want, rel=1e-5)
+    assert all(not torch.equal(b, m.up_proj.weight) for b, m in zip(before, mlps))
+
+
+@pytest.mark.parametrize("target", ["sqs", "bilinear"])
+def test_distillation_ends_at_the_target_gate_and_the_model_reloads_with_identical_logits(tmp_path, target):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama()
+    cfg = ConvertConfig(target=target, sqs=PARAMS, **DISTILL)
+    out = anneal_to(model, TRAIN, HELD, cfg, tmp_path / "run", progress=None)
+    assert not annealed(out) and out.config.hidden_act == ("sqs" if target == "sqs" else "linear")
+    recs = read_curve(tmp_path / "run")
+    dist = [r for r in recs if r["kind"] == "distill"]
+    assert [r["t"] for r in dist] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    evals = [r for r in recs if r["kind"] == "distill_eval"]
+    assert [e["step"] for e in evals] == [2, 4, 6] and all(len(e["layer_fvu"]) == 2 for e in evals)
+    assert [r["t"] for r in recs if r["kind"] == "train"] == [1.0, 1.0]  # the end-to-end steps: at the target
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
+    sqs_hf.register()
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").eval()
+    assert torch.equal(logits(again, ids), logits(out, ids))
+
+
+def test_distillation_brings_every_layer_closer_to_the_original_than_the_plain_swap():
+    from sqs.integrations.convert import MLPCache, layer_fvu
+
+    train = torch.randint(0, VOCAB, (200, 12), generator=torch.Generator().manual_seed(8))
+    held = MLPCache.of(tiny_llama(), HELD["held"])  # other windows than the cached ones
+    swap = attach(tiny_llama(), "sqs", PARAMS)
+    for m in swap:
+        m.t = 1.0
+    cfg = ConvertConfig(sqs=PARAMS, **{**DISTILL, "steps": 0, "distill_steps": 60, "distill_anneal_steps": 30,
+                                         "distill_eval_every": 60, "distill_blocks": 200, "distill_batch": 64,
+                                         "distill_lr": 3e-3})
+    model = tiny_llama()
+    anneal_to(model, train, HELD, cfg, progress=None, stop_after_distill=60)  # attached, at t = 1, not finalized
+    before, after = layer_fvu(swap, held), layer_fvu(annealed(model), held)
+    assert all(a < 0.25 * b for a, b in zip(after, before)), (before, after)  # measured: 0.36 -> 0.015 and so on
+
+
+def test_distillation_only_runs_no_end_to_end_step(tmp_path):
+    cfg = ConvertConfig(**{**DISTILL, "steps": 0})
+    anneal_to(tiny_llama(), TRAIN, HELD, cfg, tmp_path / "run", progress=None)
+    kinds = [r["kind"] for r in read_curve(tmp_path / "run")]
+    assert "train" not in kinds and kinds[-1] == "final" and kinds.count("distill") == 6
+
+
+@pytest.mark.parametrize("stop", [{"stop_after_distill": 3}, {"stop_after": 1}], ids=["in-distillation", "after-it"])
+def test_an_interrupted_distillation_run_resumes_to_the_same_weights(tmp_path, stop):
+    cfg = ConvertConfig(**DISTILL)
+    straight = anneal_to(tiny_llama(), TRAIN, HELD, cfg, tmp_path / "a", progress=None)
+    anneal_to(tiny_llama(), TRAIN, HELD, cfg, tmp_path / "b", progress=None, **stop)
+    resumed = anneal_to(tiny_llama(), TRAIN, HELD, cfg, tmp_path / "b", progress=None)
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    recs = read_curve(tmp_path / "b")
+    assert [r["step"] for r in recs if r["kind"] == "distill"] == list(range(1, 7))
+    assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2]
+
+
+def test_a_run_directory_from_before_distillation_still_resumes(tmp_path):
+    anneal_to(tiny_llama(), TRAIN, HELD, ConvertConfig(**QUICK), tmp_path / "run", progress=None, stop_after=2)
+    cfg_path = tmp_path / "run" / "config.json"
+    old = {k: v for k, v in json.loads(cfg_path.read_text()).items() if not k.startswith("distill_")}
+    cfg_path.write_text(json.dumps(old))  # as part A's runs wrote it
+    anneal_to(tiny_llama(), TRAIN, HELD, ConvertConfig(**QUICK), tmp_path / "run", progress=None)
+    assert read_curve(tmp_path / "run")[-1]["kind"] == "final"
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"distill_steps": 4, "anneal_steps": 2}, "anneal_steps must be 0"),
+    ({"distill_steps": 4, "distill_anneal_steps": 5}, r"distill_anneal_steps \(5\) must be <= distill_steps"),
+    ({"steps": 0}, "nothing to train"),
+    ({"distill_steps": 4, "distill_lr": 0.0}, "distill_lr must be a finite number > 0"),
+])
+def test_bad_distillation_settings_are_one_line(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        ConvertConfig(**bad)

@@ -21,7 +21,10 @@ def _run(args) -> int:
                         warmup_steps=args.warmup_steps, batch=args.batch, context=args.context,
                         mlp_only=not args.full, eval_every=args.eval_every,
                         checkpoint_every=args.checkpoint_every, seed=args.seed,
-                        sqs={"c": args.c, "lam": args.lam, "p": args.p})
+                        sqs={"c": args.c, "lam": args.lam, "p": args.p}, distill_steps=args.distill_steps,
+                        distill_anneal_steps=args.distill_anneal_steps, distill_batch=args.distill_batch,
+                        distill_blocks=args.distill_blocks, distill_lr=args.distill_lr,
+                        distill_warmup_steps=args.distill_warmup_steps, distill_eval_every=args.distill_eval_every)
     if args.threads:
         torch.set_num_threads(args.threads)
     run_dir = args.run_dir or f"runs/convert/{args.model.rstrip('/').split('/')[-1]}-{args.target}"
@@ -59,9 +62,27 @@ def register(sub, groups) -> None:
     r.add_argument("--target", choices=("sqs", "bilinear"), default="sqs")
     r.add_argument("--run-dir", help="where the run lives (default runs/convert/<model>-<target>); "
                                      "re-running the same command resumes it")
-    r.add_argument("--steps", type=positive_int, default=200, help="optimizer steps in all (default 200)")
+    r.add_argument("--steps", type=nonneg_int, default=200,
+                   help="end-to-end optimizer steps (default 200; 0 with --distill-steps: distillation only)")
     r.add_argument("--anneal-steps", type=nonneg_int, default=None,
-                   help="steps over which the gate moves from SiLU to the target (default steps/2; 0 = swap at once)")
+                   help="steps over which the gate moves from SiLU to the target (default steps/2; 0 = swap at once; "
+                        "with --distill-steps it is 0: the distillation anneals)")
+    d = r.add_argument_group("per-layer distillation (before the end-to-end steps; cheap: no backward through the "
+                             "model)")
+    d.add_argument("--distill-steps", type=nonneg_int, default=0,
+                   help="distillation steps: every MLP learns the original MLP's outputs on cached inputs while its "
+                        "gate anneals (default 0: none)")
+    d.add_argument("--distill-anneal-steps", type=nonneg_int, default=None,
+                   help="distillation steps over which t rises to 1 (default half; 0 = the target gate throughout)")
+    d.add_argument("--distill-batch", type=positive_int, default=256,
+                   help="token positions per layer and distillation step (default 256)")
+    d.add_argument("--distill-blocks", type=positive_int, default=128,
+                   help="training windows whose MLP inputs and outputs are cached (default 128; bfloat16, "
+                        "30 layers x 128 x 128 tokens x 576 x 2 tensors: 1.1 GB)")
+    d.add_argument("--distill-lr", type=positive_float, default=1e-3, help="peak distillation lr (default 1e-3)")
+    d.add_argument("--distill-warmup-steps", type=nonneg_int, default=20)
+    d.add_argument("--distill-eval-every", type=positive_int, default=100,
+                   help="held-out evaluation and checkpoint every this many distillation steps (default 100)")
     r.add_argument("--batch", type=positive_int, default=8, help="windows per step (default 8)")
     r.add_argument("--context", type=bounded(int, 2), default=128, help="tokens per window (default 128)")
     r.add_argument("--lr", type=positive_float, default=2e-4, help="peak AdamW learning rate (default 2e-4)")

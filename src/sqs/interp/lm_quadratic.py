@@ -64,15 +64,16 @@ F64 = torch.float64
 # --------------------------------------------------------------------------- weights
 
 
-def _act_gate(act) -> tuple[str, dict]:
-    """The project's gate name (and kwargs) for a Llama-style `act_fn` (module or function)."""
+def act_gate(act) -> tuple[str, dict]:
+    """The project's gate name (and kwargs) for a Llama-style `act_fn` (module or function); transformers'
+    `LinearActivation` (``hidden_act="linear"``, what a Bilinear conversion saves) is the bilinear gate."""
     if all(hasattr(act, a) for a in ("c", "lam", "p")):  # sqs.nn.SQS
         return "sqs", {"c": float(act.c), "lam": float(act.lam), "p": float(act.p)}
     name = (type(act).__name__ if isinstance(act, torch.nn.Module) else getattr(act, "__name__", "")).lower()
     if isinstance(act, torch.nn.GELU) and act.approximate != "none":
         raise ValueError("glu_weights: the tanh-approximated GELU is not one of the project's gates; "
                          "use nn.GELU(approximate='none')")
-    for key, gate in (("identity", "bilinear"), ("silu", "swiglu"), ("swish", "swiglu"), ("gelu", "gelu"),
+    for key, gate in (("identity", "bilinear"), ("linearactivation", "bilinear"), ("silu", "swiglu"), ("swish", "swiglu"), ("gelu", "gelu"),
                       ("relu", "relu")):
         if key in name:
             return gate, {}
@@ -96,7 +97,7 @@ def glu_weights(mlp) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str, dic
     """
     if all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
         _no_bias(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        gate, kw = _act_gate(mlp.act_fn)
+        gate, kw = act_gate(mlp.act_fn)
         return (mlp.up_proj.weight.detach(), mlp.gate_proj.weight.detach(), mlp.down_proj.weight.detach(), gate, kw)
     if all(hasattr(mlp, a) for a in ("W", "V", "P", "gate")):
         if mlp.P is None:
@@ -196,7 +197,7 @@ def top_promoted(W: torch.Tensor, V: torch.Tensor, P: torch.Tensor, U: torch.Ten
             raise ValueError("top_promoted: by='mean' needs the layer inputs `n`")
         n = n.to(F64).reshape(-1, W.shape[1])
         hidden = (n @ W.to(F64).T) * gate_fn(gate, **(gate_kwargs or {}))(n @ V.to(F64).T)
-        score = (U.to(F64) @ P.to(F64)) @ hidden.mean(0)
+        score = U.to(F64) @ (P.to(F64) @ hidden.mean(0))  # u . mean output: O(V d), not O(V d h), for a vocabulary
     else:
         raise ValueError(f"top_promoted: `by` must be 'norm' or 'mean', got {by!r}")
     top = score.topk(min(k, score.numel()))
@@ -508,7 +509,7 @@ def token_agreement(B_a: torch.Tensor, X_a: torch.Tensor, B_b: torch.Tensor, X_b
     return vector_agreement(eigvals_a, profiles(Q_a, X_a), eigvals_b, profiles(Q_b, X_b), k=k, tol=tol)
 
 __all__ = [
-    "GAIN_READING", "LayerInputs", "Spectrum", "TokenList", "Example", "direct_contribution", "direction_matrices",
+    "GAIN_READING", "LayerInputs", "Spectrum", "TokenList", "Example", "act_gate", "direct_contribution", "direction_matrices",
     "direction_matrix", "direction_norms", "eig_signed", "glu_weights", "layer_inputs", "lm_fidelity",
     "lm_reading_fidelity", "max_activating",
     "mean_inv_rms", "orient", "read_tokens", "render", "split_windows", "token_agreement", "token_directions",
