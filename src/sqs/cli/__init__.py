@@ -6,6 +6,7 @@
     sqs spectra decompose|compare|explain|lm ...           (sqs.cli.spectra_commands)
     sqs generate RUN_DIR --prompt ...                      (sqs.cli.generate_command)
     sqs convert run|report ...                             (sqs.cli.convert_commands)
+    sqs read MODEL --out DIR                               (sqs.cli.read_commands)
     sqs bench ops|glu|head|lm|hf                           (sqs.cli.bench_commands)
     sqs demo                                               (sqs.cli.demo_command)
 
@@ -33,6 +34,7 @@ from sqs.cli import (
     demo_command,
     experiment_commands,
     generate_command,
+    read_commands,
     spectra_commands,
     train_commands,
 )
@@ -45,7 +47,7 @@ GROUPS = {
     "bench": "benchmarks that print ratios measured side by side",
 }
 MODULES = (data_commands, bench_commands, train_commands, experiment_commands, spectra_commands, generate_command,
-           demo_command, convert_commands)
+           demo_command, convert_commands, read_commands)
 
 
 # Errors of the file system that a person fixes (a path that is not there, not readable or

@@ -17,6 +17,8 @@ plain transformers model, so it trains, saves (`save_pretrained`) and reloads li
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,8 @@ SUPPORTED_GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 #: Model names `load_pretrained` resolves to a fetched file.
 NAMED_MODELS = ("smollm2",)
 INSTALL_GGUF = "pip install 'sqs[gguf]'"
+#: The activation name a converted model's config carries (`sqs.integrations.transformers.SQS_NAME`).
+SQS_GATE = "sqs"
 
 
 class PretrainedError(UserError, ValueError):
@@ -133,7 +137,14 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype = torch.float
     if kind == "hf-dir":
         config = AutoConfig.from_pretrained(p)
         _check_model_type(getattr(config, "model_type", None), str(p))
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype).eval()
+        if SQS_GATE in (getattr(config, "hidden_act", None), getattr(config, "hidden_activation", None)):
+            # a converted model (`sqs convert`): its config names our gate, which transformers builds only
+            # through sqs; AutoSQSForCausalLM loads it without a process-wide register()
+            from sqs.integrations.transformers import AutoSQSForCausalLM
+
+            model = AutoSQSForCausalLM.from_pretrained(p, dtype=dtype).eval()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype).eval()
         has_tok = any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
         tokenizer = AutoTokenizer.from_pretrained(p) if has_tok else None
         return Pretrained(model, tokenizer, str(p), kind)
@@ -146,7 +157,10 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype = torch.float
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
-        model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=dtype)
+        # transformers' GGUF reader draws a raw tqdm bar that its progress-bar switch does not reach: a
+        # refusal that follows (e.g. `sqs read --token`) must stay the one line on stderr
+        with contextlib.redirect_stderr(io.StringIO()):
+            model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=dtype)
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sqs.interp.agreement import ZERO_TOL
 from sqs.interp.layer_readings import GLUWeights
 from sqs.interp.lm_quadratic import (
     Spectrum,
@@ -148,7 +149,8 @@ def eigen_readout(B: torch.Tensor, X_in: torch.Tensor, X_out: torch.Tensor, k: i
     read from q_n and q_1 is reported as "constant". Eigenvectors are oriented so that their largest
     |projection| on X_in is positive (`orient`). Returns counts of positive / negative eigenvalues, sum |lambda|,
     the `n_eigenvalues` largest |lambda| (signed) and per side the rows {rank, eigenvalue, share of sum |lambda|,
-    constant, "in": {"plus", "minus"}, "out": {"plus", "minus"}} with token texts and projections.
+    constant, "in": {"plus", "minus"}, "out": {"plus", "minus"}} with token texts and projections. Eigenvalues
+    within `agreement.ZERO_TOL` x max |lambda| of 0 count as neither sign.
     """
     d = X_in.shape[1]
     if B.shape[-1] not in (d, d + 1):
@@ -157,7 +159,9 @@ def eigen_readout(B: torch.Tensor, X_in: torch.Tensor, X_out: torch.Tensor, k: i
     spec = Spectrum.of(B)
     lam = spec.eigenvalues
     by_abs = lam[lam.abs().argsort(descending=True)]
-    out = {"n_positive": int((lam > 0).sum()), "n_negative": int((lam < 0).sum()), "abs_sum": float(lam.abs().sum()),
+    tol = ZERO_TOL * float(lam.abs().max()) if lam.numel() else 0.0  # rounding noise is not a sign
+    out = {"n_positive": int((lam > tol).sum()), "n_negative": int((lam < -tol).sum()),
+           "abs_sum": float(lam.abs().sum()),
            "top_eigenvalues": by_abs[:n_eigenvalues].tolist(), "sides": {}}
     for side in SIDES:
         vals, Q = spec.side(side, k)
