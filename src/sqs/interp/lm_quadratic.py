@@ -261,10 +261,16 @@ def orient(Q: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
 
     As `spectra.decompose` fixes pixel signs: the quadratic form does not depend on the sign, the
     token lists' sides do."""
-    proj = Q.to(F64) @ X.to(F64).T
+    return Q * orientation(Q.to(F64) @ X.to(F64).T)
+
+
+def orientation(proj: torch.Tensor) -> torch.Tensor:
+    """The signs (..., 1) `orient` applies, from the projections (..., V) of each vector on every token: the sign
+    of its largest-|projection| entry (+1 where that is 0). Taking projections lets a caller compute them once
+    for many vectors and reuse them for the token lists (`top_tokens`)."""
     sign = torch.sign(proj.gather(-1, proj.abs().argmax(-1, keepdim=True)))
     sign[sign == 0] = 1.0
-    return Q * sign
+    return sign
 
 
 def _decoder(decode) -> Decoder:
@@ -292,8 +298,12 @@ def read_tokens(q: torch.Tensor, X: torch.Tensor, k: int = 10, decode=None) -> d
     negatively on q (d,): {"positive": TokenList, "negative": TokenList}.
 
     `decode`: a `tokenizers.Tokenizer` or a callable id -> str (None: "<id>")."""
+    return top_tokens(X.to(F64) @ q.to(F64), k, decode)
+
+
+def top_tokens(proj: torch.Tensor, k: int = 10, decode=None) -> dict[str, TokenList]:
+    """`read_tokens` from the projections proj (V,) of one vector on every token, already computed."""
     dec = _decoder(decode)
-    proj = X.to(F64) @ q.to(F64)
     out = {}
     for side, vals in (("positive", proj), ("negative", -proj)):
         top = vals.topk(min(k, vals.numel()))
@@ -396,11 +406,15 @@ def _scores(pred: torch.Tensor, target: torch.Tensor) -> dict:
 def _reading(B: torch.Tensor, n: torch.Tensor, target: torch.Tensor, ks) -> dict:
     """Scores of the forms B (K, r, r) on inputs n (N, r) (homogeneous forms: n = [n; 1]), also truncated."""
     eigvals, Q = eig_sorted(B)  # |eigenvalue| order: the top-k truncations keep the largest |eigenvalue|
-    terms = eigvals[None] * torch.einsum("kjd,nd->nkj", Q, n) ** 2  # (N, K, r)
-    out = _scores(quadratic_form(B, n), target)
     d = eigvals.shape[-1]
+    top = min(d, max([k for k in ks if k is not None], default=0))  # only these terms are ever summed: for
+    # d = 577 and k <= 64 that is a ninth of the projections ("all" is the form itself)
+    terms = eigvals[None, :, :top] * torch.einsum("kjd,nd->nkj", Q[:, :top], n) ** 2  # (N, K, top)
+    full = quadratic_form(B, n)
+    out = _scores(full, target)
     out["truncated"] = {("all" if k is None else str(k)): {"k": d if k is None else min(k, d),
-                                                           **_scores(terms[..., :d if k is None else k].sum(-1), target)}
+                                                           **_scores(full if k is None or k >= d
+                                                                     else terms[..., :k].sum(-1), target)}
                         for k in ks}
     return out
 
@@ -512,6 +526,6 @@ __all__ = [
     "GAIN_READING", "LayerInputs", "Spectrum", "TokenList", "Example", "act_gate", "direct_contribution", "direction_matrices",
     "direction_matrix", "direction_norms", "eig_signed", "glu_weights", "layer_inputs", "lm_fidelity",
     "lm_reading_fidelity", "max_activating",
-    "mean_inv_rms", "orient", "read_tokens", "render", "split_windows", "token_agreement", "token_directions",
+    "mean_inv_rms", "orient", "orientation", "read_tokens", "top_tokens", "render", "split_windows", "token_agreement", "token_directions",
     "token_id", "token_inputs", "token_profiles", "top_promoted",
 ]

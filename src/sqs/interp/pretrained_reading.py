@@ -32,7 +32,7 @@ models and collecting the layer inputs is `sqs.integrations.pretrained`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,11 +43,11 @@ from sqs.interp.lm_quadratic import (
     glu_weights,
     lm_reading_fidelity,
     mean_inv_rms,
-    orient,
-    read_tokens,
+    orientation,
     token_directions,
     token_inputs,
     top_promoted,
+    top_tokens,
 )
 
 F64 = torch.float64
@@ -80,6 +80,26 @@ class DecoderLayer:
 
 
 @dataclass
+class TokenReader:
+    """Every token as a vector of one layer's n, row t = base[t] * weight, kept factored: the (V, d) base is
+    shared by all layers (only the (d,) weight is the layer's), and projections are base @ (weight * q), so
+    reading a layer costs no (V, d) copy and one pass over the base for all its eigenvectors."""
+
+    base: torch.Tensor  # (V, d) float64
+    weight: torch.Tensor  # (d,) float64
+
+    @classmethod
+    def plain(cls, X: torch.Tensor) -> "TokenReader":
+        """The reader whose rows are X (V, d) itself."""
+        X = X.to(F64)
+        return cls(X, torch.ones(X.shape[1], dtype=F64))
+
+    def project(self, Q: torch.Tensor) -> torch.Tensor:
+        """(M, V): each row of Q (M, d) projected on every token."""
+        return (Q.to(F64) * self.weight) @ self.base.T
+
+
+@dataclass
 class Head:
     """What turns the last residual stream h into logits: logit_t = unembed[t] . (w_f * h / rms(h)),
     the embedding that makes the first one, and s, the stand-in for 1/rms(h) (`mean_inv_rms`)."""
@@ -88,6 +108,7 @@ class Head:
     unembed: torch.Tensor  # (V, d); the same tensor when the model ties them
     final_weight: torch.Tensor  # (d,)
     scale: float
+    _bases: dict = field(default_factory=dict, repr=False)  # the readers' shared (V, d) bases
 
     @classmethod
     def of(cls, embed: torch.Tensor, unembed: torch.Tensor, final_weight: torch.Tensor, final_residual: torch.Tensor,
@@ -107,12 +128,16 @@ class Head:
     def all_directions(self) -> torch.Tensor:
         return self.directions(range(self.vocab))
 
-    def readers(self, layer: DecoderLayer) -> tuple[torch.Tensor, torch.Tensor]:
-        """(X_in, X_out), each (V, d): the tokens as layer `layer`'s n would hold them (`token_inputs`), and the
-        logit lens in n coordinates, unembed * w_f * w_norm (a direction q of n is w_norm * q in the residual)."""
-        X_in = token_inputs(self.embed, layer.norm_weight, layer.norm_eps)
-        X_out = token_directions(self.unembed, self.final_weight * layer.norm_weight, range(self.vocab))
-        return X_in, X_out
+    def readers(self, layer: DecoderLayer) -> tuple[TokenReader, TokenReader]:
+        """(in, out): the tokens as layer `layer`'s n would hold them (`token_inputs`: rmsnorm(E[t]) * w_norm), and
+        the logit lens in n coordinates, unembed * w_f * w_norm (a direction q of n is w_norm * q in the
+        residual). Both bases are computed once per eps and shared by every layer (`TokenReader`)."""
+        key = ("in", layer.norm_eps)
+        if key not in self._bases:
+            self._bases[key] = token_inputs(self.embed, torch.ones(self.embed.shape[1], dtype=F64), layer.norm_eps)
+        if "out" not in self._bases:
+            self._bases["out"] = token_directions(self.unembed, self.final_weight, range(self.vocab))
+        return TokenReader(self._bases[key], layer.norm_weight), TokenReader(self._bases["out"], layer.norm_weight)
 
 
 def promoted_tokens(glu: GLUWeights, U_all: torch.Tensor, n: torch.Tensor, k: int, exclude=()) -> list[int]:
@@ -140,10 +165,11 @@ def read_layer_tokens(glu: GLUWeights, U: torch.Tensor, n_fit: torch.Tensor, n_e
                                readings=readings, ks=ks)
 
 
-def eigen_readout(B: torch.Tensor, X_in: torch.Tensor, X_out: torch.Tensor, k: int = 3, n_tokens: int = 8,
-                  decode=None, n_eigenvalues: int = 16) -> dict:
+def eigen_readout(B: torch.Tensor, X_in: torch.Tensor | TokenReader, X_out: torch.Tensor | TokenReader, k: int = 3,
+                  n_tokens: int = 8, decode=None, n_eigenvalues: int = 16) -> dict:
     """The signed spectrum of one form B ((r, r): r = d, or d + 1 for a form in [n; 1]) and its top-k eigenvectors
-    of each sign read as tokens at both ends, through the embedding (X_in) and the unembedding (X_out), each (V, d).
+    of each sign read as tokens at both ends, through the embedding (X_in) and the unembedding (X_out), each (V, d)
+    or a `TokenReader`.
 
     An eigenvector q of a form in [n; 1] is [q_n; q_1]: its term is lambda (q_n . n + q_1)^2, so the tokens are
     read from q_n and q_1 is reported as "constant". Eigenvectors are oriented so that their largest
@@ -152,37 +178,51 @@ def eigen_readout(B: torch.Tensor, X_in: torch.Tensor, X_out: torch.Tensor, k: i
     constant, "in": {"plus", "minus"}, "out": {"plus", "minus"}} with token texts and projections. Eigenvalues
     within `agreement.ZERO_TOL` x max |lambda| of 0 count as neither sign.
     """
-    d = X_in.shape[1]
-    if B.shape[-1] not in (d, d + 1):
-        raise ValueError(f"eigen_readout: the form is {tuple(B.shape)}, expected ({d}, {d}) or ({d + 1}, {d + 1}) "
-                         f"for token readers of width {d}")
-    spec = Spectrum.of(B)
-    lam = spec.eigenvalues
-    by_abs = lam[lam.abs().argsort(descending=True)]
-    tol = ZERO_TOL * float(lam.abs().max()) if lam.numel() else 0.0  # rounding noise is not a sign
-    out = {"n_positive": int((lam > tol).sum()), "n_negative": int((lam < -tol).sum()),
-           "abs_sum": float(lam.abs().sum()),
-           "top_eigenvalues": by_abs[:n_eigenvalues].tolist(), "sides": {}}
-    for side in SIDES:
-        vals, Q = spec.side(side, k)
-        if not len(vals):
-            out["sides"][side] = []
-            continue
-        sign = torch.sign((orient(Q[:, :d], X_in) * Q[:, :d]).sum(-1))  # +-|q_n|^2: the flips orient chose
-        sign[sign == 0] = 1.0
-        Q = Q * sign[:, None]
-        rows = []
+    return eigen_readouts(B[None], X_in, X_out, k, n_tokens, decode, n_eigenvalues)[0]
+
+
+def eigen_readouts(forms: torch.Tensor, X_in: torch.Tensor | TokenReader, X_out: torch.Tensor | TokenReader,
+                   k: int = 3, n_tokens: int = 8, decode=None, n_eigenvalues: int = 16) -> list[dict]:
+    """`eigen_readout` of each of the forms (K, r, r). Why batched: the eigenvectors of all K forms are projected
+    on the vocabulary in one pass per reader (a (V, d) matrix, 226 MB in float64 for SmolLM2), which was most of
+    a layer's time when done per eigenvector."""
+    readers = {name: X if isinstance(X, TokenReader) else TokenReader.plain(X) for name, X in (("in", X_in),
+                                                                                                ("out", X_out))}
+    d = readers["in"].base.shape[1]
+    if forms.shape[-1] not in (d, d + 1):
+        raise ValueError(f"eigen_readout: the form is {tuple(forms.shape[1:])}, expected ({d}, {d}) or "
+                         f"({d + 1}, {d + 1}) for token readers of width {d}")
+    outs, picked = [], []  # picked: (form, side, eigenvalues, eigenvectors) whose rows are still to read
+    for B in forms:
+        spec = Spectrum.of(B)
+        lam = spec.eigenvalues
+        by_abs = lam[lam.abs().argsort(descending=True)]
+        tol = ZERO_TOL * float(lam.abs().max()) if lam.numel() else 0.0  # rounding noise is not a sign
+        outs.append({"n_positive": int((lam > tol).sum()), "n_negative": int((lam < -tol).sum()),
+                     "abs_sum": float(lam.abs().sum()), "top_eigenvalues": by_abs[:n_eigenvalues].tolist(),
+                     "sides": {side: [] for side in SIDES}})
+        for side in SIDES:
+            vals, Q = spec.side(side, k)
+            if len(vals):
+                picked.append((outs[-1], side, vals, Q))
+    if not picked:
+        return outs
+    Q_all = torch.cat([Q[:, :d] for *_, Q in picked])
+    proj_all = {name: rd.project(Q_all) for name, rd in readers.items()}  # (M, V): one pass per reader
+    sign_all = orientation(proj_all["in"])  # (M, 1), as `orient` flips
+    at = 0
+    for out, side, vals, Q in picked:
         for r, (v, q) in enumerate(zip(vals.tolist(), Q)):
-            q_n = q[:d]
+            sign = sign_all[at]
             row = {"rank": r + 1, "eigenvalue": v, "share": abs(v) / max(out["abs_sum"], 1e-300),
-                   "constant": float(q[d]) if q.shape[0] > d else 0.0}
-            for name, X in (("in", X_in), ("out", X_out)):
-                toks = read_tokens(q_n, X, n_tokens, decode)
+                   "constant": float(q[d] * sign) if q.shape[0] > d else 0.0}
+            for name in ("in", "out"):
+                toks = top_tokens(proj_all[name][at] * sign, n_tokens, decode)
                 row[name] = {"plus": toks["positive"].text, "plus_values": toks["positive"].values,
                              "minus": toks["negative"].text, "minus_values": toks["negative"].values}
-            rows.append(row)
-        out["sides"][side] = rows
-    return out
+            out["sides"][side].append(row)
+            at += 1
+    return outs
 
 
 def _compact(fid: dict, reading: str) -> dict:
@@ -214,8 +254,7 @@ def read_decoder_layer(layer: DecoderLayer, head: Head, n_fit: torch.Tensor, n_e
     fid = read_layer_tokens(glu, head.directions(ids), n_fit, n_eval, readings, ks)
     X_in, X_out = head.readers(layer)
     best = fid["best"]
-    spectra = [eigen_readout(fid["forms"][best][j], X_in, X_out, k=k, n_tokens=n_tokens, decode=decode)
-               for j in range(len(ids))]
+    spectra = eigen_readouts(fid["forms"][best], X_in, X_out, k=k, n_tokens=n_tokens, decode=decode)
     return {
         "path": layer.path, "gate": glu.gate, "gate_kwargs": glu.gate_kwargs, "exact": fid["exact"],
         "n_fit": fid["n_fit"], "n_eval": fid["n_eval"],
@@ -226,5 +265,5 @@ def read_decoder_layer(layer: DecoderLayer, head: Head, n_fit: torch.Tensor, n_e
     }
 
 
-__all__ = ["DecoderLayer", "Head", "LAYER_READINGS", "PROMOTED", "TRUNCATIONS", "eigen_readout", "promoted_tokens",
+__all__ = ["DecoderLayer", "Head", "LAYER_READINGS", "PROMOTED", "TRUNCATIONS", "TokenReader", "eigen_readout", "eigen_readouts", "promoted_tokens",
            "read_decoder_layer", "read_layer_tokens"]
