@@ -48,6 +48,7 @@ LOCK = "run.lock"
 TIMING = "timing.json"
 TOKENIZER = "tokenizer.json"
 FRONTIER_ANALYSIS = "frontier_analysis.json"
+GATES_ANALYSIS = "gates_analysis.json"
 SPECTRA = "spectra"
 
 #: Every name a run directory may hold, and who writes it. Besides these only set-aside copies
@@ -64,6 +65,7 @@ RUN_FILES = {
     TIMING: "wall time of the processes that trained an image run (sqs.runs.image_pipeline.run_image)",
     TOKENIZER: "the tokenizer a language-model run trains with, written at its start (sqs.runs.lm_pipeline.run_lm)",
     FRONTIER_ANALYSIS: "the frontier's analysis of a finished run, cached (sqs.experiments.frontier_analysis)",
+    GATES_ANALYSIS: "the gate benchmark's analysis of a finished run, cached (sqs.experiments.gates_analysis)",
     SPECTRA: "folder: `sqs spectra decompose|explain|lm` outputs when --out is not given",
 }
 
