@@ -200,8 +200,9 @@ def test_a_converted_sqs_model_is_read_with_its_own_gate(tiny_files, tmp_path):
     assert all(0 < L["readings"][L["best"]]["r2"] <= 1 for L in res["layers"])
 
 
-def test_the_cli_says_in_one_line_when_a_token_is_not_one_token(tiny_files, tmp_path, capsys):
-    code = main(["read", str(tiny_files / "tiny.gguf"), "--out", str(tmp_path / "o"), "--token", "cat",
+@pytest.mark.parametrize("src", ["tiny.gguf", "hf"])
+def test_the_cli_says_in_one_line_when_a_token_is_not_one_token(tiny_files, tmp_path, capsys, src):
+    code = main(["read", str(tiny_files / src), "--out", str(tmp_path / "o"), "--token", "cat",
                  "--text", str(tiny_files / "t.txt"), "--context", "16", "--fit-windows", "2", "--eval-windows", "2"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "'cat' is 3 tokens" in err

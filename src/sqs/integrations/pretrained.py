@@ -123,6 +123,25 @@ def _plain(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+@contextlib.contextmanager
+def _quiet():
+    """transformers' loading bars and notes off (its "Loading weights" bar, the GGUF reader's "dequantizing"
+    notes, and the raw tqdm bar of its GGUF tensors that the progress-bar switch does not reach): a refusal
+    that follows loading (e.g. `sqs read --token`) must stay the one line on stderr."""
+    from transformers import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                     cache_dir: str | os.PathLike | None = None) -> Pretrained:
     """Load a causal LM and its tokenizer from a Hugging Face directory, a .gguf file or a name.
@@ -131,20 +150,20 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype = torch.float
     without the ``gguf`` extra installed.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers import logging as hf_logging
 
     p, kind = _resolve(path, cache_dir)
     if kind == "hf-dir":
         config = AutoConfig.from_pretrained(p)
         _check_model_type(getattr(config, "model_type", None), str(p))
-        if SQS_GATE in (getattr(config, "hidden_act", None), getattr(config, "hidden_activation", None)):
-            # a converted model (`sqs convert`): its config names our gate, which transformers builds only
-            # through sqs; AutoSQSForCausalLM loads it without a process-wide register()
-            from sqs.integrations.transformers import AutoSQSForCausalLM
+        with _quiet():
+            if SQS_GATE in (getattr(config, "hidden_act", None), getattr(config, "hidden_activation", None)):
+                # a converted model (`sqs convert`): its config names our gate, which transformers builds
+                # only through sqs; AutoSQSForCausalLM loads it without a process-wide register()
+                from sqs.integrations.transformers import AutoSQSForCausalLM
 
-            model = AutoSQSForCausalLM.from_pretrained(p, dtype=dtype).eval()
-        else:
-            model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype).eval()
+                model = AutoSQSForCausalLM.from_pretrained(p, dtype=dtype).eval()
+            else:
+                model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype).eval()
         has_tok = any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
         tokenizer = AutoTokenizer.from_pretrained(p) if has_tok else None
         return Pretrained(model, tokenizer, str(p), kind)
@@ -152,19 +171,9 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype = torch.float
     if arch not in SUPPORTED_GGUF_ARCHS:
         raise PretrainedError(f"{p}: GGUF architecture {arch!r} is not supported; sqs reads and converts "
                               f"{', '.join(SUPPORTED_GGUF_ARCHS)}")
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # the GGUF reader's progress bars and "dequantizing" notes
-    hf_logging.disable_progress_bar()
-    try:
+    with _quiet():
         tokenizer = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
-        # transformers' GGUF reader draws a raw tqdm bar that its progress-bar switch does not reach: a
-        # refusal that follows (e.g. `sqs read --token`) must stay the one line on stderr
-        with contextlib.redirect_stderr(io.StringIO()):
-            model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=dtype)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
+        model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=dtype)
     _check_model_type(getattr(model.config, "model_type", None), str(p))
     return Pretrained(_plain(model), tokenizer, str(p), kind)
 
