@@ -240,9 +240,17 @@ def verdict(panels: dict) -> dict:
 # ----------------------------------------------------------------------------- table, figure
 
 
+def _pm_fidelity(stat: dict | None) -> str:
+    """An R² as mean ± std, except far below 0 (a reading worse than predicting the mean), where the
+    magnitude says nothing and would swamp the table: `< −1` (summary.json keeps the numbers)."""
+    if stat and stat.get("mean") is not None and stat["mean"] < -1:
+        return "< −1"
+    return pm(stat, 3)
+
+
 def _cell_row(c: dict) -> str:
     lm = c["lm"]
-    fid = " / ".join(pm(c["fidelity"].get(r), 3) if r in c["fidelity"] else "—" for r in _ORDER[:3])
+    fid = " / ".join(_pm_fidelity(c["fidelity"].get(r)) if r in c["fidelity"] else "—" for r in _ORDER[:3])
     fit = c["fidelity_some_seeds"].get("fit") or c["fidelity"].get("fit")
     layers = c.get("layers_r2")
     layer_txt = " ".join(fmt(x, 3) for x in layers["mean"]) if layers else "—"
@@ -269,7 +277,7 @@ def write_table(panels: dict, verdict_: dict, grid: GatesGrid) -> str:
              "training data and scored on held-out data: **first-order** (the gate as its slope at 0: v for SQS and "
              "Bilinear, v/2 for GELU and SwiGLU, none for ReLU), **gain** (a least-squares slope b_i per unit), "
              "**affine** (a_i + b_i·v per unit: one quadratic form per output in [x; 1]), **fit** (the forms "
-             "fitted directly; only for some seeds, shown beside). Fidelity: images, the end-to-end logit R² of the "
+             "fitted directly; only for some seeds, shown beside). `< −1`: a reading far worse than predicting the mean. Fidelity: images, the end-to-end logit R² of the "
              "surrogate that replaces every GLU by its reading; LM, the R² of each layer's reading against its "
              "direct contribution to the token directions, averaged over layers. *best* = the most faithful "
              "reading of the cell (highest mean fidelity among the readings every seed has).", "",
