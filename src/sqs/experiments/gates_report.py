@@ -340,6 +340,8 @@ def plot_front(panels: dict, verdict_: dict, path: Path) -> Path | None:
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.3 * ncol, 3.7 * nrow), squeeze=False)
     for ax in axes.flat[len(keys):]:
         ax.axis("off")
+    handles: dict = {}
+    front_handle = None
     for ax, (task, depth) in zip(axes.flat, keys):
         cells = panels[(task, depth)]
         v = verdict_["panels"][f"{task}/{depth}"]
@@ -350,20 +352,28 @@ def plot_front(panels: dict, verdict_: dict, path: Path) -> Path | None:
             col, mk = SETTING_STYLE.get(k, (GATE_COLOR.get(c["gate"], "k"), "o"))
             x, y = c["loss"], c["best_fidelity"]
             ax.errorbar(x["mean"], y["mean"], xerr=x["std"] or 0, yerr=y["std"] or 0, fmt=mk, color=col, ms=7,
-                        mec="k", capsize=2, label=f"{c['label']} ({c['best']})", zorder=3)
+                        mec="k", capsize=2, label=c["label"], zorder=3)
+            ax.annotate(c["best"], (x["mean"], y["mean"]), xytext=(4, 4), textcoords="offset points", fontsize=6,
+                        color="0.25", zorder=4)
+            handles.setdefault(c["label"], ax.get_legend_handles_labels()[0][-1])
         fr = [(cells[k]["loss"]["mean"], cells[k]["best_fidelity"]["mean"]) for k in v["front"]]
         if fr:
             xs, ys = zip(*fr)
-            ax.step(xs, ys, where="post", color="0.3", lw=1, ls="--", zorder=2, label="Pareto front")
+            front_handle = ax.step(xs, ys, where="post", color="0.3", lw=1, ls="--", zorder=2)[0]
         lm = next(iter(cells.values()))["lm"]
         ax.set_title(f"{TASK_LABEL.get(task, task)}: {depth_label(depth, lm)}", fontsize=10)
         ax.set_xlabel("validation loss (nats/token)" if lm else "test loss")
         ax.set_ylabel("fidelity, best reading\n(mean layer R²)" if lm else "fidelity, best reading\n(end-to-end logit R²)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6.5, loc="lower right")
-    fig.suptitle("Which gate? Loss against readability (marker: mean ± seed std; in brackets: the most faithful "
+    if front_handle is not None:
+        handles["Pareto front"] = front_handle
+    # one legend for all panels, where no data can hide behind it: an empty slot, else below the panels
+    spare = list(axes.flat[len(keys):])
+    where = dict(loc="center") if spare else dict(loc="lower center", ncol=len(handles), bbox_to_anchor=(0.5, 0))
+    (spare[0] if spare else fig).legend(list(handles.values()), list(handles), fontsize=9, **where)
+    fig.suptitle("Which gate? Loss against readability (marker: mean ± seed std; beside it: the most faithful "
                  "reading)", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0 if spare else 0.05, 1, 1))
     return save_figure(fig, path)
 
 
