@@ -204,11 +204,16 @@ def check_runs_dir(ray, root: Path, cpus_per_run: float, gpus_per_run: float, ti
 # ----------------------------------------------------------------------------- the runs
 
 
-def run_task(run_one: Callable[..., dict], spec: Any, threads: int) -> dict:
+def run_task(run_one: Callable[..., dict], spec: Any, threads: int, gpus: float = 0) -> dict:
     """One run inside a Ray worker: `threads` intra-op threads, no progress bars (they would
-    interleave in the driver's log); its final numbers with the wall time and the node."""
+    interleave in the driver's log); its final numbers with the wall time and the node.
+
+    A run that reserved no GPU sees none (Ray leaves CUDA_VISIBLE_DEVICES alone for such a task,
+    so `--device auto` would otherwise train on a GPU another run holds)."""
     import torch
 
+    if not gpus and not torch.cuda.is_initialized():
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     torch.set_num_threads(max(1, int(threads)))
     t0 = time.perf_counter()
     info = run_one(spec, position=0, progress=False)
@@ -232,7 +237,7 @@ def launch_ray(todo: Sequence[Any], run_one: Callable[..., dict], workers: int, 
         check_runs_dir(ray, runs_root(todo), cpus_per_run, gpus_per_run)
         task = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)(run_task)
         for s in todo:
-            pending[task.options(name=f"sqs:{s.name}").remote(run_one, s, threads)] = s
+            pending[task.options(name=f"sqs:{s.name}").remote(run_one, s, threads, gpus_per_run)] = s
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
@@ -267,7 +272,7 @@ import os, signal, sys, time
 parent, procs = int(sys.argv[1]), [p.split(":") for p in sys.argv[2:]]
 while os.getppid() == parent:
     time.sleep(1.0)
-time.sleep(5.0)  # Ray's own fate sharing ends most of its processes first
+time.sleep(2.0)  # Ray's own fate sharing ends most of its processes first
 for pid, start in procs:
     try:
         with open(f"/proc/{pid}/stat") as f:
