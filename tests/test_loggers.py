@@ -217,3 +217,27 @@ def test_logger_names_and_a_missing_package_are_one_line_naming_the_extra(monkey
     assert len(err.splitlines()) == 1 and "pip install 'sqs[wandb]'" in err and not (tmp_path / "r").exists()
     assert main(["train", "image", "--logger", "jsonl,tensorbored"]) == 2
     assert "unknown logger 'tensorbored'" in capsys.readouterr().err
+
+
+def test_the_tinystories_grid_through_a_launcher_logs_tokens_per_s_and_saturation(tinystories_cache, tmp_path,
+                                                                                  eager_backend, no_figures):
+    """The TinyStories experiment's launcher path (the one `--launcher ray` takes), here with the
+    pool's inline launcher, and what an LM run logs: tokens/s, validation metrics, GLU saturation."""
+    pytest.importorskip("tensorboardX")
+    pytest.importorskip("tensorboard")
+    from conftest import TINY_LM_TOML
+    from sqs.experiments.lm_table import run_experiment
+
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TINY_LM_TOML)
+    table = run_experiment(cfg, out=tmp_path / "out", runs_dir=tmp_path / "runs", gates=["sqs"], extra_seeds=[],
+                           cache_dir=tinystories_cache, progress=False, samples=False, throughput_reps=0,
+                           launcher="inline", loggers=("tensorboard",))
+    assert [(r["gate"], r["complete"]) for r in table["runs"]] == [("sqs", True)]
+    run = tmp_path / "runs" / "tiny" / "tinystories" / "sqs-s0"
+    seen = _scalars(run / "tensorboard")
+    assert [s for s, _ in seen["train/loss"]] == [1, 2, 3, 4]
+    assert {"train/tokens_per_s", "eval/val_loss", "eval/val_ppl", "eval/val_bpb", "saturation/blocks.0.mlp"} <= set(seen)
+    last = read_metrics(run)[-1]
+    assert last["saturation"]["blocks.0.mlp"] == pytest.approx(dict(seen["saturation/blocks.0.mlp"])[4], rel=1e-6)
+    assert not unregistered_files(run)

@@ -76,7 +76,7 @@ def run_experiment(config: str | os.PathLike = "tinystories-cpu", out: str | os.
     todo = experiment_runs(gates, extra_seeds, base.seed)
     cfgs = run_configs(config, overrides, todo)
     rank0 = is_rank0()
-    if launcher is not None and rank_world()[1] > 1:
+    if launcher is not None and max(rank_world()[1], int(os.environ.get("WORLD_SIZE", "1") or 1)) > 1:
         raise ConfigError(f"--launcher {launcher} starts its own processes: run it without torchrun")
     queued = []
     if not report_only:

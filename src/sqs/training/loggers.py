@@ -19,8 +19,8 @@ Resuming continues the same logger run without duplicate steps:
   before a crash, `kill -9` included.
 * W&B keeps its run id in `<run>/wandb.json` and resumes it (`resume="allow"`); steps up to
   the last one logged there (saved at every evaluation and at the end) are not sent again.
-  After a `kill -9` the steps between the last evaluation and the kill may be sent twice;
-  W&B's server keeps the first of a step it already has. It honours `WANDB_MODE`
+  After a `kill -9` the steps between the last evaluation and the kill are sent a second time
+  (with the same values: the resume replays them). It honours `WANDB_MODE`
   (`offline` needs no account), `WANDB_PROJECT` (default `sqs`) and `WANDB_DIR` (default: the
   run directory, files under `<run>/wandb/`).
 """
