@@ -175,7 +175,8 @@ def test_a_resumed_run_continues_its_wandb_run_without_a_duplicate_step(tmp_path
                     if not key.startswith("_"):
                         history.setdefault(key, []).append((rec.history.step.num, json.loads(item.value_json)))
             elif rec.WhichOneof("record_type") == "run":
-                config.update({u.key or "/".join(u.nested_key): json.loads(u.value_json) for u in rec.run.config.update})
+                config.update({u.key or "/".join(u.nested_key): json.loads(u.value_json)
+                               for u in rec.run.config.update})
     assert [s for s, _ in history["train/loss"]] == list(range(1, STEPS + 1))
     assert [s for s, _ in history["train/grad_norm"]] == list(range(1, STEPS + 1))
     records = {r["step"]: r for r in read_metrics(run)}
@@ -237,7 +238,8 @@ def test_the_tinystories_grid_through_a_launcher_logs_tokens_per_s_and_saturatio
     run = tmp_path / "runs" / "tiny" / "tinystories" / "sqs-s0"
     seen = _scalars(run / "tensorboard")
     assert [s for s, _ in seen["train/loss"]] == [1, 2, 3, 4]
-    assert {"train/tokens_per_s", "eval/val_loss", "eval/val_ppl", "eval/val_bpb", "saturation/blocks.0.mlp"} <= set(seen)
+    assert {"train/tokens_per_s", "eval/val_loss", "eval/val_ppl", "eval/val_bpb",
+            "saturation/blocks.0.mlp"} <= set(seen)
     last = read_metrics(run)[-1]
     assert last["saturation"]["blocks.0.mlp"] == pytest.approx(dict(seen["saturation/blocks.0.mlp"])[4], rel=1e-6)
     assert not unregistered_files(run)

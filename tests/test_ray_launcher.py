@@ -211,3 +211,20 @@ def test_ray_options_are_checked_and_a_missing_ray_names_the_extra(monkeypatch, 
     assert main(["experiment", "table1", "--launcher", "ray", "--runs-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pip install 'sqs[ray]'" in err and not list(tmp_path.iterdir())
+
+
+def test_every_grid_command_takes_the_launcher_and_logger_flags():
+    pytest.importorskip("ray")
+    from sqs.cli import build_parser
+    from sqs.cli.args import grid_launch, grid_threads
+
+    parser = build_parser()
+    for command in ("table1", "frontier", "tinystories"):
+        args = parser.parse_args(["experiment", command, "--launcher", "ray", "--cpus-per-run", "2",
+                                  "--gpus-per-run", "0.5", "--ray-address", "head:6379", "--logger", "tensorboard"])
+        launch = grid_launch(args)
+        assert launch == {"launcher": "ray", "loggers": ("jsonl", "tensorboard"),
+                          "launcher_options": {"address": "head:6379", "cpus_per_run": 2.0, "gpus_per_run": 0.5}}
+        assert grid_threads(args, launch) == 2
+        local = grid_launch(parser.parse_args(["experiment", command]))
+        assert local == {"launcher": None, "launcher_options": None, "loggers": ("jsonl",)}
