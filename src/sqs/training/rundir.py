@@ -50,6 +50,7 @@ LOCK = "run.lock"
 TIMING = "timing.json"
 TOKENIZER = "tokenizer.json"
 FRONTIER_ANALYSIS = "frontier_analysis.json"
+GATES_ANALYSIS = "gates_analysis.json"
 SPECTRA = "spectra"
 TENSORBOARD = "tensorboard"
 WANDB_RUN = "wandb.json"
@@ -69,6 +70,7 @@ RUN_FILES = {
     TIMING: "wall time of the processes that trained an image run (sqs.runs.image_pipeline.run_image)",
     TOKENIZER: "the tokenizer a language-model run trains with, written at its start (sqs.runs.lm_pipeline.run_lm)",
     FRONTIER_ANALYSIS: "the frontier's analysis of a finished run, cached (sqs.experiments.frontier_analysis)",
+    GATES_ANALYSIS: "the gate benchmark's analysis of a finished run, cached (sqs.experiments.gates_analysis)",
     SPECTRA: "folder: `sqs spectra decompose|explain|lm` outputs when --out is not given",
     TENSORBOARD: "folder: TensorBoard event files, one per training session (--logger tensorboard)",
     WANDB_RUN: "the W&B run id and the last step sent, so a resume continues the same W&B run (--logger wandb)",
