@@ -219,7 +219,7 @@ def test_every_grid_command_takes_the_launcher_and_logger_flags():
     from sqs.cli.args import grid_launch, grid_threads
 
     parser = build_parser()
-    for command in ("table1", "frontier", "tinystories"):
+    for command in ("table1", "frontier", "gates", "tinystories"):
         args = parser.parse_args(["experiment", command, "--launcher", "ray", "--cpus-per-run", "2",
                                   "--gpus-per-run", "0.5", "--ray-address", "head:6379", "--logger", "tensorboard"])
         launch = grid_launch(args)

@@ -133,12 +133,14 @@ def _gates(args) -> int:
     summary = None
     workers = args.workers or default_workers()
     if not args.report_only:
+        launch = grid_launch(args)
         specs = plan(args.runs_dir, grid, epochs=args.epochs, overrides=args.overrides, lm_overrides=args.lm_set)
-        print(f"gates: {len(specs)} runs under {args.runs_dir} ({workers} worker(s) x {args.threads or 1} "
-              f"thread(s)){'; log: ' + args.log if args.log else ''}", file=sys.stderr)
-        summaries = run_gates(specs, workers=workers, threads=args.threads or 1, cache_dir=args.cache_dir,
+        threads = grid_threads(args, launch)
+        print(f"gates: {len(specs)} runs under {args.runs_dir} ({_where(launch, workers, threads)})"
+              f"{'; log: ' + args.log if args.log else ''}", file=sys.stderr)
+        summaries = run_gates(specs, workers=workers, threads=threads, cache_dir=args.cache_dir,
                               log=args.log, progress=not args.no_progress,
-                              run_bars=not (args.no_run_bars or args.no_progress), runs_root=args.runs_dir)
+                              run_bars=not (args.no_run_bars or args.no_progress), runs_root=args.runs_dir, **launch)
         for name, s in summaries.items():
             _report_grid(f"gates ({name})", s)
         summary = {"failed": [f for s in summaries.values() for f in s["failed"]]}
@@ -260,6 +262,7 @@ def register(sub, groups) -> None:
     g.add_argument("--train-only", action="store_true", help="train; write no report")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--no-run-bars", action="store_true", help="only the overall progress bar")
+    add_grid_launch(g)
     g.set_defaults(func=_gates)
 
     e = groups["experiment"].add_parser(

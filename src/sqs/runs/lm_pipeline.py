@@ -228,15 +228,6 @@ def run_lm(cfg: LMRunConfig, run_dir: str | os.PathLike, cache_dir: str | os.Pat
                      desc=f"lm {cfg.gate} s{cfg.seed}", stop_after=stop_after, loggers=loggers)
 
 
-def train_lm_spec(spec, *, position: int, progress: bool, cache_dir=None, device: str | None = "auto",
-                  loggers: Iterable[str] = ()) -> dict:
-    """Train one language-model run of a grid (the pool's `run_one`, so a launcher such as Ray can
-    ship it to another process or node); returns its final validation numbers."""
-    records = run_lm(spec.cfg, spec.run_dir, cache_dir=cache_dir, device=device, progress=progress, loggers=loggers)
-    last = records[-1] if records else {}
-    return {k: last.get(k) for k in ("step", "val_loss", "val_ppl", "val_bpb")}
-
-
 @dataclass
 class LoadedLM:
     model: GPT
@@ -314,9 +305,12 @@ def generate_text(lm: LoadedLM, prompt: str, max_new_tokens: int = 200, temperat
     return prompt + lm.tokenizer.decode(new, skip_special_tokens=True)
 
 
-def train_lm_spec(spec, *, position: int = 0, progress: bool = True, cache_dir=None) -> dict:
-    """Train one LM run of a grid on the CPU (the pool's `run_one`: a top-level function any launcher can
-    ship to another process); returns its final validation loss and bits per byte."""
-    recs = run_lm(spec.cfg, spec.run_dir, cache_dir=cache_dir, device="cpu", progress=progress)
+def train_lm_spec(spec, *, position: int = 0, progress: bool = True, cache_dir=None, device: str | None = "cpu",
+                  loggers: Iterable[str] = ()) -> dict:
+    """Train one LM run of a grid (the pool's `run_one`: a top-level function any launcher, the
+    process pool or Ray, can ship to another process or node); returns its final validation numbers.
+    `device` defaults to the CPU, so parallel workers do not pile onto one GPU; a launcher that
+    reserves a GPU per run passes "auto"."""
+    recs = run_lm(spec.cfg, spec.run_dir, cache_dir=cache_dir, device=device, progress=progress, loggers=loggers)
     final = next((r for r in reversed(recs) if "val_loss" in r), {})
-    return {"val_loss": final.get("val_loss"), "val_bpb": final.get("val_bpb")}
+    return {k: final.get(k) for k in ("step", "val_loss", "val_ppl", "val_bpb")}
