@@ -41,10 +41,13 @@ from pathlib import Path
 from sqs.experiments.table1 import plan_grid
 from sqs.runs.image_pipeline import train_spec
 from sqs.runs.pool import launch
-runs, cache = sys.argv[1], sys.argv[2]
+runs, cache, nice_log = sys.argv[1], sys.argv[2], sys.argv[3]
 
 def run_one(spec, *, position, progress):  # shipped to the Ray workers by value
+    import os
     import sqs.training.trainer as trainer
+    with open(nice_log, "a") as f:
+        f.write(f"{{os.nice(0)}}\\n")
     save = trainer.save_checkpoint
 
     def save_then_wait(path, *args, **kwargs):
@@ -107,10 +110,11 @@ def test_a_killed_ray_grid_resumes_to_the_local_launchers_results(tmp_path, no_f
     sessions = []
     try:
         # 1. the driver, killed when every run waits at its first checkpoint
-        log = tmp_path / "driver.log"
+        log, nice_log = tmp_path / "driver.log", tmp_path / "nice.txt"
         with open(log, "wb") as out:
-            driver = subprocess.Popen([sys.executable, "-c", KILLED_DRIVER, str(ray_runs), str(cache)], env=env,
-                                      start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+            driver = subprocess.Popen([sys.executable, "-c", KILLED_DRIVER, str(ray_runs), str(cache),
+                                       str(nice_log)], env=env, start_new_session=True, stdout=out,
+                                      stderr=subprocess.STDOUT)
         sessions.append(driver.pid)
         deadline = time.monotonic() + 240
         while not all((s.run_dir / "checkpoint.safetensors").exists() for s in specs):
@@ -120,6 +124,8 @@ def test_a_killed_ray_grid_resumes_to_the_local_launchers_results(tmp_path, no_f
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait()
         assert not any(is_complete(s.run_dir) for s in specs)
+        # the runs kept the driver's priority (Ray's default would renice its workers by +15)
+        assert nice_log.read_text().split() == [str(os.nice(0))] * len(specs)
         # Ray's processes end with their driver (its dashboard and runtime-env agents by our watchdog)
         deadline = time.monotonic() + 30
         while _session(driver.pid) and time.monotonic() < deadline:

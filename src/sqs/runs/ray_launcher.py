@@ -11,7 +11,9 @@ command again; Ray's own task retries are off (a retry would be a second, unlock
 the protocol).
 
 Where Ray runs: `address` (`--ray-address`), else `RAY_ADDRESS`, else a local Ray started
-here with `workers * cpus_per_run` CPUs and shut down at the end. Each task declares
+here with `workers * cpus_per_run` CPUs and shut down at the end, whose tasks run at the
+driver's priority (Ray's default renices workers by +15; a cluster sets it with
+`RAY_worker_niceness=0 ray start ...`). Each task declares
 `cpus_per_run` CPUs and `gpus_per_run` GPUs; Ray runs as many at once as the cluster holds.
 
 What a cluster must give, checked before the first run (`check_runs_dir`): on every node
@@ -87,7 +89,10 @@ def connect(ray, address: str | None, num_cpus: int) -> bool:
         env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
         ray.init(address=address, runtime_env={"env_vars": env} if env else None, **common)
         return True
-    ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE, **common)
+    # Ray renices its workers by +15 unless told otherwise; here the tasks are the work, so they keep the
+    # driver's priority, as the local launcher's processes do (at +15 on a busy machine a grid crawls).
+    ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE,
+             _system_config={"worker_niceness": 0}, **common)
     return True
 
 
