@@ -58,7 +58,7 @@ from sqs.training.checkpoint import (
     read_meta,
     save_checkpoint,
 )
-from sqs.training.distributed import rank_world
+from sqs.training.distributed import rank_world, same_start
 from sqs.training.loggers import RunLoggers, grad_norm, saturation_probe
 from sqs.training.rundir import (
     CHECKPOINT,
@@ -370,6 +370,8 @@ def _train(model, task, cfg, run_dir: Path, config, progress, desc, stop_after, 
     if meta is not None:
         start, run_loss, run_n = meta["step"], meta.get("run_loss", 0.0), meta.get("run_n", 0)
         elapsed = meta.get("elapsed", 0.0)
+    if world > 1:
+        same_start(start, run_dir)  # a node that does not share the run folder would start elsewhere
     ckpt_step = start if meta is not None else None
     # Weight growth since the start, per kept checkpoint: a NaN message must not call a blown-up checkpoint good.
     w_start = (meta or {}).get("w_start") or _max_abs(model) or 1.0
