@@ -16,7 +16,8 @@ fi
 # scale: Ray, tensorboardX and wandb (about 300 MB installed, mostly Ray), so the Ray launcher's and the
 # loggers' tests run instead of skipping; SQS_SKIP_SCALE=1 leaves them out. Measured 2026-12-06 on this
 # 2-core machine, pip cache warm: the three with their dependencies install in 49 s (430 MB) into an empty
-# venv. Without PyPI, pip takes them from the local index in pip's config (ray 2.58, wandb 0.30).
+# venv. Without PyPI, the local index in pip's config resolves ray (2.58) and tensorboardX, not wandb (one of
+# its opentelemetry dependencies is missing there): SQS_SKIP_SCALE=1 then, and install sqs[ray,tensorboard].
 EXTRAS="test,hf,gguf"
 if [ "${SQS_SKIP_SCALE:-0}" != "1" ]; then
   EXTRAS="$EXTRAS,scale"
