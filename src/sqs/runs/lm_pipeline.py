@@ -33,7 +33,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -174,13 +174,15 @@ def train_config(cfg: LMRunConfig, p: dict) -> TrainConfig:
 
 
 def run_lm(cfg: LMRunConfig, run_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-           device: str | None = "auto", progress: bool = True, stop_after: int | None = None) -> list[dict]:
+           device: str | None = "auto", progress: bool = True, stop_after: int | None = None,
+           loggers: Iterable[str] = ()) -> list[dict]:
     """Train (or resume) one TinyStories run into `run_dir`; returns its metric records.
 
     Works in one process or under torchrun (call `sqs.training.distributed.init_distributed`
     first; each rank takes its slice of every global batch; rank 0 evaluates and writes). Raises
     `TrainingDiverged` on a non-finite loss, keeping the last checkpoint.
-    `cache_dir` and `device` are not part of the run's identity (config.json).
+    `cache_dir` and `device` are not part of the run's identity (config.json); nor are `loggers`,
+    where the curves also go besides metrics.jsonl (`sqs.training.loggers`: tensorboard, wandb).
 
     Everything is validated (config, schedule, model, the data against the context) before
     anything is written to `run_dir`, so a refused start leaves nothing behind.
@@ -217,13 +219,13 @@ def run_lm(cfg: LMRunConfig, run_dir: str | os.PathLike, cache_dir: str | os.Pat
         model.compile()
     if rank != 0:
         return train(model, task, tcfg, run_dir, config=config, progress=progress,
-                     desc=f"lm {cfg.gate} s{cfg.seed}", stop_after=stop_after)
+                     desc=f"lm {cfg.gate} s{cfg.seed}", stop_after=stop_after)  # rank 0 alone logs
     with locked(run_dir):  # one hold over the start, the tokenizer and training (the trainer's lock is re-entrant)
         prepare_run_dir(run_dir, config)  # refuses a directory made with another config
         if not (run_dir / TOKENIZER).exists():
             write_run_file(run_dir, TOKENIZER, lambda q: tok.save(str(q)))
         return train(model, task, tcfg, run_dir, config=config, progress=progress,
-                     desc=f"lm {cfg.gate} s{cfg.seed}", stop_after=stop_after)
+                     desc=f"lm {cfg.gate} s{cfg.seed}", stop_after=stop_after, loggers=loggers)
 
 
 @dataclass
@@ -303,9 +305,12 @@ def generate_text(lm: LoadedLM, prompt: str, max_new_tokens: int = 200, temperat
     return prompt + lm.tokenizer.decode(new, skip_special_tokens=True)
 
 
-def train_lm_spec(spec, *, position: int = 0, progress: bool = True, cache_dir=None) -> dict:
-    """Train one LM run of a grid on the CPU (the pool's `run_one`: a top-level function any launcher can
-    ship to another process); returns its final validation loss and bits per byte."""
-    recs = run_lm(spec.cfg, spec.run_dir, cache_dir=cache_dir, device="cpu", progress=progress)
+def train_lm_spec(spec, *, position: int = 0, progress: bool = True, cache_dir=None, device: str | None = "cpu",
+                  loggers: Iterable[str] = ()) -> dict:
+    """Train one LM run of a grid (the pool's `run_one`: a top-level function any launcher, the
+    process pool or Ray, can ship to another process or node); returns its final validation numbers.
+    `device` defaults to the CPU, so parallel workers do not pile onto one GPU; a launcher that
+    reserves a GPU per run passes "auto"."""
+    recs = run_lm(spec.cfg, spec.run_dir, cache_dir=cache_dir, device=device, progress=progress, loggers=loggers)
     final = next((r for r in reversed(recs) if "val_loss" in r), {})
-    return {"val_loss": final.get("val_loss"), "val_bpb": final.get("val_bpb")}
+    return {k: final.get(k) for k in ("step", "val_loss", "val_ppl", "val_bpb")}

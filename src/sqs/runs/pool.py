@@ -6,9 +6,10 @@
 A run is described by a small picklable `RunSpec` and trained by `run_one`, a top-level
 function (or a `functools.partial` of one) that returns the run's final numbers; so a
 launcher only has to carry (spec, run_one) to wherever the run executes. `LAUNCHERS`:
-`inline` (this process, one run after another) and `processes` (`workers` spawned processes
-pulling runs from a queue); another one (a Ray task per run, say) is one more function of the
-same signature that calls the same `run_one` and reports through the same `finished` callback.
+`inline` (this process, one run after another), `processes` (`workers` spawned processes
+pulling runs from a queue) and `ray` (a Ray task per run, on one machine or a cluster:
+`sqs.runs.ray_launcher`, options in `launcher_options`); each calls the same `run_one` and
+reports through the same `finished` callback.
 
 Finished runs are skipped (`is_complete` with the weights verified), interrupted ones resume
 (the trainer's contract), and a failed run is collected in the summary, not raised, so one
@@ -65,11 +66,12 @@ def default_workers() -> int:
 def launch(specs: Sequence[RunSpec], run_one: RunOne, *, workers: int = 1, threads: int = 1, progress: bool = True,
            run_bars: bool = True, desc: str = "runs", on_finish: Callable[[str, bool, Any], None] | None = None,
            prepare: Callable[[list[RunSpec]], None] | None = None, log: str | Path | None = None,
-           launcher: str | None = None) -> dict:
+           launcher: str | None = None, launcher_options: dict | None = None) -> dict:
     """Train every unfinished run of `specs`; return a summary ({"started", "n_runs", "n_skipped",
     "n_trained", "workers", "threads", "failed": [{"run", "error"}], "runs": {name: info}, "wall_s"}).
 
-    `launcher` names one of LAUNCHERS (default: `inline` for one worker, `processes` for more).
+    `launcher` names one of LAUNCHERS (default: `inline` for one worker, `processes` for more);
+    `launcher_options` are passed to it as keywords (the ray launcher's address, cpus_per_run, ...).
     `prepare(todo)` runs once before any worker starts (e.g. fetch a dataset the runs share);
     `on_finish(name, ok, info)` after each run (info: {"wall_s", **run_one's dict}, or the
     traceback of a failed run); `log` (a JSONL file) gets the summary without "runs" when
@@ -105,7 +107,9 @@ def launch(specs: Sequence[RunSpec], run_one: RunOne, *, workers: int = 1, threa
     try:
         if todo:
             name = launcher or ("inline" if workers == 1 else "processes")
-            LAUNCHERS[name](todo, run_one, workers, threads, run_bars and progress, finished)
+            summary["launcher"] = name
+            LAUNCHERS[name](todo, run_one, workers, threads, run_bars and progress, finished,
+                            **(launcher_options or {}))
     except BaseException:
         summary["interrupted"] = True
         raise
@@ -225,5 +229,13 @@ def processes(todo: Sequence[RunSpec], run_one: RunOne, workers: int, threads: i
             q.cancel_join_thread()
 
 
-#: Where runs execute: name -> launcher(todo, run_one, workers, threads, run_bars, finished).
-LAUNCHERS: dict[str, Callable[..., None]] = {"inline": inline, "processes": processes}
+def ray(todo: Sequence[RunSpec], run_one: RunOne, workers: int, threads: int, run_bars: bool,
+        finished: Callable[[str, bool, Any], None], **options: Any) -> None:
+    """Each run a Ray task with declared resources, on a local Ray or a cluster (`sqs.runs.ray_launcher`)."""
+    from sqs.runs.ray_launcher import launch_ray
+
+    launch_ray(todo, run_one, workers, threads, run_bars, finished, **options)
+
+
+#: Where runs execute: name -> launcher(todo, run_one, workers, threads, run_bars, finished, **options).
+LAUNCHERS: dict[str, Callable[..., None]] = {"inline": inline, "processes": processes, "ray": ray}

@@ -12,6 +12,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from sqs.io import ConfigError
+
 
 def rank_world() -> tuple[int, int]:
     """(rank, world size) of this process in its process group; (0, 1) outside one."""
@@ -48,6 +50,29 @@ def init_distributed(device: str | None = "auto") -> bool:
         torch.cuda.set_device(dev)
     dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return True
+
+
+def same_start(start: int, run_dir: os.PathLike | str) -> None:
+    """Every rank must resume a run from the step rank 0 chose. Ranks on a node that does not see
+    the run folder (a node-local runs folder under multi-node torchrun) would start from step 0
+    and train different steps than rank 0; so every rank compares, and every rank raises the
+    same ConfigError, rather than hang in a collective or train a wrong model."""
+    rank, world = rank_world()
+    if world <= 1:
+        return
+    starts: list = [None] * world
+    dist.all_gather_object(starts, int(start))
+    check_same_start(starts, run_dir)
+
+
+def check_same_start(starts: list[int], run_dir: os.PathLike | str) -> None:
+    """ConfigError naming the ranks whose start differs from rank 0's (see `same_start`)."""
+    odd = [r for r, s in enumerate(starts) if s != starts[0]]
+    if odd:
+        raise ConfigError(f"{run_dir}: rank 0 resumes at step {starts[0]} but rank(s) "
+                          f"{', '.join(f'{r} at step {starts[r]}' for r in odd)}: their node does not see the run "
+                          "folder rank 0 writes; under torchrun on several nodes --runs-dir must be one shared "
+                          "folder at the same path on every node (docs/scale-out.md)")
 
 
 def finish_distributed(initialised: bool) -> None:

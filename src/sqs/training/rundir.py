@@ -15,6 +15,8 @@ start goes through this module under the run lock (`write_run_file`, `update_run
     tokenizer.json           the tokenizer a language-model run was trained with
     frontier_analysis.json   the frontier's cached analysis of a finished run
     spectra/                 `sqs spectra ...` outputs written next to the run (the default --out)
+    tensorboard/             TensorBoard event files (`--logger tensorboard`, sqs.training.loggers)
+    wandb.json, wandb/       the run's W&B run id; W&B's own files unless WANDB_DIR is set (`--logger wandb`)
 
 Nothing here is deleted: a file that has to leave its place (a damaged checkpoint, a
 metrics file with a damaged line, the files of a start that never trained) is kept aside
@@ -50,6 +52,9 @@ TOKENIZER = "tokenizer.json"
 FRONTIER_ANALYSIS = "frontier_analysis.json"
 GATES_ANALYSIS = "gates_analysis.json"
 SPECTRA = "spectra"
+TENSORBOARD = "tensorboard"
+WANDB_RUN = "wandb.json"
+WANDB_FILES = "wandb"
 
 #: Every name a run directory may hold, and who writes it. Besides these only set-aside copies
 #: (`<name>.<why>-<n>`) and the temporary files of an atomic write in progress (`.<name>.*.tmp`)
@@ -67,6 +72,9 @@ RUN_FILES = {
     FRONTIER_ANALYSIS: "the frontier's analysis of a finished run, cached (sqs.experiments.frontier_analysis)",
     GATES_ANALYSIS: "the gate benchmark's analysis of a finished run, cached (sqs.experiments.gates_analysis)",
     SPECTRA: "folder: `sqs spectra decompose|explain|lm` outputs when --out is not given",
+    TENSORBOARD: "folder: TensorBoard event files, one per training session (--logger tensorboard)",
+    WANDB_RUN: "the W&B run id and the last step sent, so a resume continues the same W&B run (--logger wandb)",
+    WANDB_FILES: "folder: W&B's own files of the run when WANDB_DIR is not set (wandb.init(dir=run_dir))",
 }
 
 # Settings that may differ on resume when the caller opts in (after a NaN, typically): they
