@@ -265,6 +265,8 @@ def test_old_gate_names_resume_as_the_same_run(tmp_path):
     rd.mkdir()
     (rd / "config.json").write_text(json.dumps({"model": {"gate": "identity", "d": 4}, "train": {"lr": 0.1}}))
     (rd / "checkpoint.safetensors").write_bytes(b"x")  # a run that trained
+    # made by an sqs from before the mark (sqs-run.json): its history shows it is a run's
+    (rd / "history.jsonl").write_text(json.dumps({"event": "start", "step": 0, "time": "2025-01-01", "pid": 1}) + "\n")
     prepare_run_dir(rd, {"model": {"gate": "bilinear", "d": 4}, "train": {"lr": 0.1}})
     with pytest.raises(RunConfigMismatch, match="model.d"):
         prepare_run_dir(rd, {"model": {"gate": "bilinear", "d": 8}, "train": {"lr": 0.1}})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 
-from sqs.cli.args import nonneg_int, positive_int
+from sqs.cli.args import folder, nonneg_int, positive_int
 from sqs.io import UserError
 
 
@@ -57,7 +57,7 @@ def register(sub, groups) -> None:
                      description="Eigendecompose a 1-layer Bilinear (exact) or SQS (first-order reading) image "
                                  "classifier; write spectrum/eigenvector figures, spectra.json (with fidelity on the "
                                  "test set) and spectra.safetensors.")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", type=folder)
     p.add_argument("--out", help="output folder (default RUN_DIR/spectra)")
     p.add_argument("--force", action="store_true",
                    help="decompose relu/gelu/swiglu gates anyway (not a faithful reading)")
@@ -68,14 +68,14 @@ def register(sub, groups) -> None:
     p.set_defaults(func=_clean_errors(_decompose))
 
     p = g.add_parser("compare", help="|cos| per rank between two runs' eigenvectors (pixel space)")
-    p.add_argument("run_dir_a")
-    p.add_argument("run_dir_b")
+    p.add_argument("run_dir_a", type=folder)
+    p.add_argument("run_dir_b", type=folder)
     p.add_argument("--out", help="output folder (default results/spectra/compare)")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=_clean_errors(_compare))
 
     p = g.add_parser("explain", help="explain one test input by eigenvector contributions λ(q·x)²")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", type=folder)
     p.add_argument("--index", type=nonneg_int, required=True, help="index into the test split")
     p.add_argument("--top", type=positive_int, default=4)
     p.add_argument("--out", help="output folder (default RUN_DIR/spectra)")
@@ -89,7 +89,7 @@ def register(sub, groups) -> None:
                                  "signed spectrum of B_u (first-order reading), the tokens at both ends of its top "
                                  "eigenvectors per side and, for layer 0, the validation contexts that excite them "
                                  "most; writes a figure and JSON to --out.")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", type=folder)
     p.add_argument("--layer", type=nonneg_int, required=True, help="GLU layer, 0-based")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--token", help="one token of the run's tokenizer, e.g. ' happy' (mind the leading space)")

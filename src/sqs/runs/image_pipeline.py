@@ -59,8 +59,8 @@ from sqs.training.rundir import (
     TIMING,
     RunConfigMismatch,
     canonical_config,
+    claimed,
     has_started,
-    locked,
     update_run_json,
 )
 from sqs.training.trainer import step_generator, train
@@ -192,7 +192,7 @@ def run_image(cfg: ImageRunConfig, run_dir: str | Path, progress: bool = True, *
                      grad_accum=tc.grad_accum, eval_batch_size=cfg.eval_batch_size)
     model = build_model(cfg)
     kw = {"position": position} if position is not None else {}
-    with locked(run_dir):  # the trainer takes the same (re-entrant) lock; timing.json is written under it too
+    with claimed(run_dir):  # the trainer claims it again (re-entrant); timing.json is written under the same hold
         records = train(model, task, tc, run_dir, config=run_record(cfg, x_tr.shape[0], x_te.shape[0]),
                         progress=progress, desc=desc or cfg.label(), stop_after=stop_after, **kw)
         add_timing(run_dir, time.perf_counter() - t0)
