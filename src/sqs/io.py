@@ -52,6 +52,8 @@ def naming_errors(path: str | os.PathLike, *also: str | os.PathLike) -> Iterator
     try:
         yield
     except OSError as e:
+        if e.errno is None:  # a library's own OSError with a message of its own: naming it would garble that
+            raise
         if e.filename is None or os.fspath(e.filename) in {os.fspath(a) for a in also}:
             e.filename = os.fspath(path)
         raise
@@ -63,9 +65,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     Whatever stops it (an OSError, Ctrl-C, SIGTERM raised as an exception) removes the temporary
     file; an OSError names `path`, not the temporary name."""
     path = Path(path)
-    with naming_errors(path):
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        if e.filename is None or os.path.basename(os.fsdecode(e.filename)).startswith(f".{path.name}."):
+            e.filename = os.fspath(path)  # the temporary's name means nothing to the user
+        raise
     os.close(fd)
     try:
         with naming_errors(path, tmp):

@@ -59,6 +59,7 @@ from sqs.training.rundir import (
     TIMING,
     RunConfigMismatch,
     canonical_config,
+    check_claimable,
     claimed,
     has_started,
     update_run_json,
@@ -184,6 +185,7 @@ def run_image(cfg: ImageRunConfig, run_dir: str | Path, progress: bool = True, *
     or the cache. `position` places the per-run progress bar (for parallel runs).
     """
     t0 = time.perf_counter()
+    run_dir = check_claimable(run_dir)  # a folder that is not ours is refused before the data are loaded
     x_tr, y_tr, x_te, y_te = data if data is not None else load_data(cfg.dataset, data_dir, cache_dir)
     tc = cfg.train_config(x_tr.shape[0])
     noise_std = cfg.noise_std * (float(x_tr.std()) if cfg.noise_relative else 1.0)

@@ -55,6 +55,7 @@ from sqs.training.rundir import (
     TOKENIZER,
     NotARunDir,
     RunDirError,
+    check_claimable,
     claimed,
     prepare_run_dir,
     run_file,
@@ -191,8 +192,8 @@ def run_lm(cfg: LMRunConfig, run_dir: str | os.PathLike, cache_dir: str | os.Pat
     named in one line).
     """
     rank, world = rank_world()
-    run_dir = Path(run_dir)
     dev = resolve_device(device)  # first: `--device banana` is one line before any data is read
+    run_dir = check_claimable(run_dir) if rank == 0 else Path(run_dir)  # so is a folder that is not ours
     train_tok, val_tok, tstats, vstats, tok = _data(cfg, cache_dir, progress and rank == 0)
     vocab = tok.get_vocab_size()
     if vocab > cfg.vocab_size:

@@ -124,6 +124,8 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except SafetensorError as e:
             raise _open_error(e, path) from e
+        except FileNotFoundError as e:  # gone since the check above
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), os.fspath(path)) from e
     return tensors, metadata
 
 
@@ -218,6 +220,8 @@ def header_metadata(path: str | Path) -> dict[str, str]:
                 return dict(f.metadata() or {})
         except SafetensorError as e:
             raise _open_error(e, path) from e
+        except FileNotFoundError as e:  # safetensors' own has no errno: give it one, naming the file
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), os.fspath(path)) from e
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:

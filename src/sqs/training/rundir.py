@@ -66,6 +66,7 @@ from sqs.training.checkpoint import (
     read_meta,
     verify_checkpoint,
 )
+from sqs.training.signals import deferred_signals
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -278,13 +279,21 @@ def remove_temporaries(run_dir: str | Path) -> list[str]:
     return gone
 
 
+def check_claimable(run_dir: str | os.PathLike) -> Path:
+    """`run_dir` as a Path once it is known that training may claim it (a usable name, a folder that
+    is new or ours: `check_run_dir_name`, `ownership`); read-only, so pipelines call it before any
+    slow work (loading data), and a refusal costs nothing."""
+    run_dir = check_run_dir_name(run_dir)
+    ownership(run_dir)
+    return run_dir
+
+
 @contextmanager
 def claimed(run_dir: str | os.PathLike) -> Iterator[Path]:
     """Hold `run_dir` for training: refuse it (before writing anything there) when it is not ours
     (`ownership`), else take the run lock, mark it, remove the temporaries of cut-short writes,
     and turn OS errors on its files into one-line RunFileErrors. Re-entrant, like the lock."""
-    run_dir = check_run_dir_name(run_dir)
-    ownership(run_dir)
+    run_dir = check_claimable(run_dir)
     with run_file_errors(run_dir), RunLock(run_dir):
         how = ownership(run_dir)  # again, under the lock
         if how != "marked":
@@ -309,10 +318,10 @@ def os_error_fix(err: int | None, run_dir: Path) -> str:
     other = "choose another folder with --run-dir DIR (Python: run_dir=...)"
     if err in (errno.ENOSPC, errno.EDQUOT):
         room = "free space on that file system" if err == errno.ENOSPC else "free space within your disk quota"
-        return (f"{room}, then re-run the same command: the run resumes from its last checkpoint (nothing "
-                "written was damaged), or " + other)
+        return (f"{room}, then re-run the same command: the run resumes from its last checkpoint (what was "
+                "written is intact), or " + other)
     if err == errno.EROFS:
-        return f"the file system is read-only; {other}"
+        return "choose a folder on a writable file system with --run-dir DIR (Python: run_dir=...)"
     if err in (errno.EACCES, errno.EPERM):
         return f"give yourself read and write access to {run_dir} (chmod/chown), or {other}"
     if err == errno.EILSEQ:
@@ -504,28 +513,28 @@ class RunLock:
                           "processes on it", RuntimeWarning, stacklevel=2)
             self._held[key] = [None, 1, os.getpid()]
             return self
-        f = open(self.path, "a+", encoding="utf-8")
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            text = f.read().strip()
-            f.close()
-            pid = int(text) if text.isdigit() else None
-            who = f"process {pid}" if pid is not None else "another process"
-            raise RunLocked(f"run directory {self.run_dir} is in use: {who} is training it (it holds "
-                            f"{self.path}); wait for it to finish or stop it, or use another run directory",
-                            pid) from None
-        try:
-            with naming_errors(self.path):
-                f.seek(0)
-                f.truncate()
-                f.write(f"{os.getpid()}\n")
-                f.flush()
-        except BaseException:
-            f.close()  # closing releases the lock
-            raise
-        self._held[key] = [f, 1, os.getpid()]
+        with deferred_signals():  # a Ctrl-C here must not leave the lock taken by an open file nobody holds
+            f = open(self.path, "a+", encoding="utf-8")
+            try:
+                try:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    f.seek(0)
+                    text = f.read().strip()
+                    pid = int(text) if text.isdigit() else None
+                    who = f"process {pid}" if pid is not None else "another process"
+                    raise RunLocked(f"run directory {self.run_dir} is in use: {who} is training it (it holds "
+                                    f"{self.path}); wait for it to finish or stop it, or use another run directory",
+                                    pid) from None
+                with naming_errors(self.path):
+                    f.seek(0)
+                    f.truncate()
+                    f.write(f"{os.getpid()}\n")
+                    f.flush()
+            except BaseException:
+                f.close()  # closing releases the lock
+                raise
+            self._held[key] = [f, 1, os.getpid()]
         return self
 
     def release(self) -> None:
@@ -541,14 +550,15 @@ class RunLock:
         if f is not None:
             import fcntl
 
-            try:
-                f.seek(0)
-                f.truncate()  # the PID is only for naming a live holder
-            except OSError:
-                pass
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-                f.close()
+            with deferred_signals():
+                try:
+                    f.seek(0)
+                    f.truncate()  # the PID is only for naming a live holder
+                except OSError:
+                    pass
+                finally:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+                    f.close()
 
     def __enter__(self) -> "RunLock":
         return self.acquire()
