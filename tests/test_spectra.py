@@ -261,6 +261,13 @@ def test_experiment_and_report_end_to_end(fake_runs, monkeypatch):
     assert main(["spectra", "decompose", run, "--out", str(tmp / "d")]) == 0
     assert json.loads((tmp / "d" / "spectra.json").read_text())["decomposition"]["exact"] is False
     assert main(["spectra", "compare", str(rd["bilinear"]), run, "--out", str(tmp / "c")]) == 0
+    from sqs.experiments.weight_spectra import compare_runs
+
+    res, lines = compare_runs(str(rd["bilinear"]), run, out=tmp / "c2")  # A is the first run given, named so
+    assert lines[0].startswith(f"A = {rd['bilinear']}: bilinear, read first-order")
+    assert lines[1].startswith(f"B = {run}: sqs, read ") and res["b"]["reading"] in lines[1]
+    assert res["a"]["gate"] == "bilinear" and res["b"]["gate"] == "sqs" and res["space"] == "pixel"
+    assert all(len(res[side]["best_match"]) == 10 and 0 <= res[side]["overlap"] <= 1 for side in ("positive", "negative"))
     assert main(["spectra", "explain", run, "--index", "3", "--out", str(tmp / "e")]) == 0
     assert (tmp / "e" / "explanation_3.png").exists()
     relu = str(runs / "relu-s0")

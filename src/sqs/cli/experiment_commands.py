@@ -1,4 +1,4 @@
-"""`sqs experiment table1|spectra|frontier|tinystories|lm-spectra`: a paper experiment end to end, results to --out.
+"""`sqs experiment table1|spectra|frontier|gates|tinystories|lm-spectra`: a paper experiment end to end, results to --out.
 
 Runs go to their configs' run directories, RUNS/<config>/<dataset>/<gate>[-<params>]-s<seed>
 (--runs-dir RUNS, default runs/), e.g. runs/sec42/mnist/sqs-s0, runs/sec41/fashion-mnist/bilinear-s3,
@@ -119,6 +119,35 @@ def _frontier(args) -> int:
     return _exit_status(summary)
 
 
+def _gates(args) -> int:
+    from sqs.experiments.gates import load_grid, plan, run_gates
+    from sqs.runs.pool import default_workers
+
+    grid = load_grid(args.grid, args.grid_set)
+    summary = None
+    workers = args.workers or default_workers()
+    if not args.report_only:
+        specs = plan(args.runs_dir, grid, epochs=args.epochs, overrides=args.overrides, lm_overrides=args.lm_set)
+        print(f"gates: {len(specs)} runs under {args.runs_dir} ({workers} worker(s) x {args.threads or 1} "
+              f"thread(s)){'; log: ' + args.log if args.log else ''}", file=sys.stderr)
+        summaries = run_gates(specs, workers=workers, threads=args.threads or 1, cache_dir=args.cache_dir,
+                              log=args.log, progress=not args.no_progress,
+                              run_bars=not (args.no_run_bars or args.no_progress), runs_root=args.runs_dir)
+        for name, s in summaries.items():
+            _report_grid(f"gates ({name})", s)
+        summary = {"failed": [f for s in summaries.values() for f in s["failed"]]}
+    if not args.train_only:
+        from sqs.experiments.gates_report import write_report
+
+        paths = write_report(args.runs_dir, args.out, grid, epochs=args.epochs, overrides=args.overrides,
+                             lm_overrides=args.lm_set, cache_dir=args.cache_dir, workers=workers,
+                             progress=not args.no_progress)
+        for p in paths:
+            print(p)
+        print(Path(args.out, "table.md").read_text().split("## Verdict", 1)[1].split("\n## ", 1)[0].strip())
+    return _exit_status(summary)
+
+
 def _lm_spectra(args) -> int:
     from sqs.experiments.lm_spectra import run_experiment
 
@@ -195,6 +224,35 @@ def register(sub, groups) -> None:
     f.add_argument("--no-progress", action="store_true", help="no progress bars")
     f.add_argument("--no-run-bars", action="store_true", help="only the overall progress bar")
     f.set_defaults(func=_frontier)
+
+    g = groups["experiment"].add_parser(
+        "gates", help="which gate? loss against readability for every gate, at depth 1/2/4 and in a language model",
+        description="Train the gate benchmark (sqs/configs/image/gates.toml: ReLU, GELU, SwiGLU, Bilinear, SQS at "
+                    "lam 0.5 and 0.05; image models of 1, 2 and 4 GLU layers on MNIST and Fashion-MNIST; TinyStories "
+                    "decoders; 3 seeds; finished runs skipped, interrupted ones resumed), read every run with every "
+                    "reading (first-order, gain, affine, fit: fitted on training data, scored on test data; cached "
+                    "next to each run), and write table.md, summary.json and pareto.png (loss against the fidelity "
+                    "of the best reading, the Pareto front, a computed verdict) to --out.")
+    g.add_argument("--grid", default="gates", help="the grid: a shipped name or a .toml path (default: %(default)s)")
+    g.add_argument("--grid-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the grid file, dotted keys: --grid-set 'grid.seeds=[0]' --grid-set 'grid.lm.seeds=[]'")
+    add_set(g, "--set train.lr=3e-3 (applies to every image run)")
+    g.add_argument("--lm-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override every LM run's config, dotted keys (e.g. --lm-set train.steps=50)")
+    g.add_argument("--epochs", type=positive_float, default=None,
+                   help="override every image run's epochs (default: the configs')")
+    g.add_argument("--runs-dir", type=folder, default="runs", help=RUNS_HELP)
+    g.add_argument("--out", default="results/gates", help="report folder (default: %(default)s)")
+    g.add_argument("--log", default=None, help="progress log: one line per finished run, with rate and ETA")
+    g.add_argument("--workers", type=positive_int, default=None,
+                   help="parallel worker processes, for training and for the analysis (default: one per core)")
+    g.add_argument("--threads", type=positive_int, default=None, help="torch threads per worker (default 1)")
+    g.add_argument("--cache-dir", help="cache root holding the datasets (default $SQS_CACHE_DIR or ~/.cache/sqs)")
+    g.add_argument("--report-only", action="store_true", help="train nothing; analyse the finished runs")
+    g.add_argument("--train-only", action="store_true", help="train; write no report")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--no-run-bars", action="store_true", help="only the overall progress bar")
+    g.set_defaults(func=_gates)
 
     e = groups["experiment"].add_parser(
         "tinystories", help="Sec. 4.2.2: all five gates on TinyStories, table, curves, samples",

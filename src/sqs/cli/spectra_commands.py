@@ -34,7 +34,8 @@ def _decompose(args) -> list[str]:
 def _compare(args) -> list[str]:
     from sqs.experiments.weight_spectra import compare_runs
 
-    return compare_runs(args.run_dir_a, args.run_dir_b, out=args.out, force=args.force)[1]
+    return compare_runs(args.run_dir_a, args.run_dir_b, out=args.out, force=args.force, fit=args.fit, k=args.k,
+                        data_dir=args.data_dir)[1]
 
 
 def _explain(args) -> list[str]:
@@ -67,11 +68,19 @@ def register(sub, groups) -> None:
     p.add_argument("--n", type=positive_int, default=2, help="eigenvectors of each sign per class in the grid")
     p.set_defaults(func=_clean_errors(_decompose))
 
-    p = g.add_parser("compare", help="|cos| per rank between two runs' eigenvectors (pixel space)")
+    p = g.add_parser("compare", help="two runs' eigenvectors compared through each one's most faithful reading",
+                     description="Read two image runs of one dataset (any gate, any depth) with every reading (first-"
+                                 "order, gain, affine; --fit adds the least-squares fit), each fitted on the training "
+                                 "images and scored on the test images, and compare them through each one's most "
+                                 "faithful reading, named: per rank and best one-to-one match on the positive and "
+                                 "negative sides, subspace overlap, form cosine (A is the first run given).")
     p.add_argument("run_dir_a", type=folder)
     p.add_argument("run_dir_b", type=folder)
     p.add_argument("--out", help="output folder (default results/spectra/compare)")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--fit", action="store_true", help="also the least-squares fit reading (minutes per layer)")
+    p.add_argument("--k", type=positive_int, default=10, help="ranks per side compared (default: %(default)s)")
+    p.add_argument("--data-dir", help="folder of IDX files (default: the cache)")
+    p.add_argument("--force", action="store_true", help="accepted for old scripts (every gate has a reading now)")
     p.set_defaults(func=_clean_errors(_compare))
 
     p = g.add_parser("explain", help="explain one test input by eigenvector contributions λ(q·x)²")

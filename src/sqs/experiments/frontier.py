@@ -19,12 +19,11 @@ What is measured on each finished run is `sqs.experiments.frontier_analysis`; th
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
-from sqs.experiments.style import gate_label
+from sqs.experiments.style import ProgressLog, gate_label, hms
 from sqs.core import canonical_gate
 from sqs.io import append_jsonl
 from sqs.runs.config_files import Overrides, load_config_dict, override_items
@@ -228,43 +227,6 @@ def plan_frontier(runs_dir: str | Path, grid: Grid | None = None, epochs: float 
 # ----------------------------------------------------------------------------- running
 
 
-class ProgressLog:
-    """One line per finished run (appended to a text file), with the rate and the ETA."""
-
-    def __init__(self, path: str | Path | None, total: int, skipped: int, workers: int):
-        self.path = Path(path) if path else None
-        self.total, self.skipped, self.done, self.failed = total, skipped, 0, 0
-        self.t0 = time.perf_counter()
-        self.write(f"start: {total} runs, {skipped} finished already, {total - skipped} to train "
-                   f"({workers} worker(s))")
-
-    def write(self, line: str) -> None:
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:  # append-only log: one whole line per write
-            f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + line + "\n")
-
-    def __call__(self, name: str, ok: bool, info: Any) -> None:
-        self.done += 1
-        self.failed += not ok
-        elapsed = time.perf_counter() - self.t0
-        left = self.total - self.skipped - self.done
-        rate = self.done / elapsed * 60 if elapsed > 0 else 0.0
-        eta = left / (self.done / elapsed) if self.done and elapsed > 0 else float("nan")
-        what = (f"acc {info['test_acc']:.4f} loss {info['test_loss']:.4f} in {info['wall_s']:.0f} s"
-                if ok and info.get("test_acc") is not None else ("ok" if ok else "FAILED (re-run to retry)"))
-        self.write(f"[{self.skipped + self.done}/{self.total}] {name}: {what} | {rate:.2f} runs/min, "
-                   f"{left} left, ETA {_hms(eta)}")
-
-
-def _hms(s: float) -> str:
-    if s != s:  # NaN
-        return "?"
-    s = int(round(s))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
 def run_frontier(specs: Sequence[FrontierSpec], workers: int | None = None, threads: int = 1, cache_dir=None,
                  log: str | Path | None = None, progress: bool = True, run_bars: bool = True,
                  runs_root: str | Path | None = None) -> dict:
@@ -277,7 +239,7 @@ def run_frontier(specs: Sequence[FrontierSpec], workers: int | None = None, thre
     summary = run_grid(specs, workers=workers, threads=threads, cache_dir=cache_dir, progress=progress,
                        run_bars=run_bars, runs_root=runs_root, desc="frontier runs", on_finish=plog)
     plog.write(f"end: trained {summary['n_trained']}, skipped {summary['n_skipped']}, "
-               f"{len(summary['failed'])} failed, wall {_hms(summary['wall_s'])}")
+               f"{len(summary['failed'])} failed, wall {hms(summary['wall_s'])}")
     if log:
         append_jsonl(Path(log).with_suffix(".jsonl"), {k: v for k, v in summary.items() if k != "runs"})
     return summary

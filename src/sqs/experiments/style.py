@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import math
 import sys
+import time
+from pathlib import Path
+from typing import Any
 
 from sqs.core import GATE_LABEL, canonical_gate
 
@@ -43,3 +46,44 @@ def say(msg: str) -> None:
     """A progress line of an experiment, on stderr (stdout keeps what the command prints as its result)."""
     print(msg, file=sys.stderr, flush=True)
 
+
+class ProgressLog:
+    """One line per finished run (appended to a text file), with the rate and the ETA."""
+
+    def __init__(self, path: str | Path | None, total: int, skipped: int, workers: int):
+        self.path = Path(path) if path else None
+        self.total, self.skipped, self.done, self.failed = total, skipped, 0, 0
+        self.t0 = time.perf_counter()
+        self.write(f"start: {total} runs, {skipped} finished already, {total - skipped} to train "
+                   f"({workers} worker(s))")
+
+    def write(self, line: str) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:  # append-only log: one whole line per write
+            f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + line + "\n")
+
+    def __call__(self, name: str, ok: bool, info: Any) -> None:
+        self.done += 1
+        self.failed += not ok
+        elapsed = time.perf_counter() - self.t0
+        left = self.total - self.skipped - self.done
+        rate = self.done / elapsed * 60 if elapsed > 0 else 0.0
+        eta = left / (self.done / elapsed) if self.done and elapsed > 0 else float("nan")
+        if ok and info.get("test_acc") is not None:
+            what = f"acc {info['test_acc']:.4f} loss {info['test_loss']:.4f} in {info['wall_s']:.0f} s"
+        elif ok and info.get("val_loss") is not None:
+            what = f"val loss {info['val_loss']:.4f} in {info['wall_s']:.0f} s"
+        else:
+            what = "ok" if ok else "FAILED (re-run to retry)"
+        self.write(f"[{self.skipped + self.done}/{self.total}] {name}: {what} | {rate:.2f} runs/min, "
+                   f"{left} left, ETA {hms(eta)}")
+
+
+def hms(s: float) -> str:
+    """Seconds as h:mm:ss (`?` for NaN: an ETA not known yet)."""
+    if s != s:  # NaN
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"

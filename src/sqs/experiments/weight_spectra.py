@@ -384,27 +384,58 @@ def decompose_run(run_dir: str | Path, out: str | Path | None = None, dataset: s
 
 
 def compare_runs(run_dir_a: str | Path, run_dir_b: str | Path, out: str | Path | None = None,
-                 force: bool = False) -> tuple[dict, list[str]]:
-    """|cos| per rank between two runs' eigenvectors (pixel space); compare.json and figures in `out`
-    (default results/spectra/compare). Returns (result, lines to print)."""
-    a = analyse_run(run_dir_a, force=force, with_fidelity=False)
-    b = analyse_run(run_dir_b, force=force, with_fidelity=False)
-    cos = cosine_per_rank(a.dec, b.dec)  # (C, r), pixel space
+                 force: bool = False, fit: bool = False, k: int = 10, data_dir: str | None = None
+                 ) -> tuple[dict, list[str]]:
+    """Two image runs (any gate, any depth) compared fairly, A first: each read with every reading of the
+    protocol (fitted on the training images, scored on the test images; `fit` adds the least-squares
+    reading, minutes per layer) and compared through its most faithful one, named
+    (`sqs.interp.compare.compare_models`): per rank and best one-to-one match on the positive and the
+    negative side, subspace overlap, form cosine. compare.json and, for 1-layer models, figures in `out`
+    (default results/spectra/compare). Returns (result, lines to print). `force` is accepted for old
+    scripts: every gate has a reading now."""
+    from sqs.interp.compare import compare_models
+
+    (model_a, cfg_a), (model_b, cfg_b) = load_run(run_dir_a), load_run(run_dir_b)
+    ds_a, ds_b = dataset_of(cfg_a), dataset_of(cfg_b)
+    if ds_a != ds_b:
+        raise ValueError(f"compare: the runs were trained on different datasets ({ds_a} and {ds_b}); compare runs "
+                         "of one dataset")
+    if ds_a is None:
+        raise ValueError("compare: the run configs name no dataset")
+    x_tr, x_te, y_te = load_train(ds_a, data_dir), *load_test(ds_a, data_dir)
+    readings = ("first-order", "gain", "affine") + (("fit",) if fit else ())
+    res = compare_models(model_a, model_b, x_tr, x_te, y_te, k=k, readings=readings, fit_rows=12000)
+    decs = res.pop("decompositions")
+    res.pop("per_class")
+    res = json.loads(json.dumps(res, default=float))  # numpy scalars -> JSON
+    name_a, name_b = Path(run_dir_a).name, Path(run_dir_b).name
+    res.update(run_a=str(run_dir_a), run_b=str(run_dir_b), dataset=ds_a)
     out = Path(out) if out else Path("results") / "spectra" / "compare"
     out.mkdir(parents=True, exist_ok=True)
-    label = f"{b.title} vs {a.title}"
-    plots.save(plots.plot_cosine_per_rank({label: cos[None]}, reference=reference_lines()), out / "cosine_per_rank.png")
-    plots.save(plots.plot_comparison_grid({a.title: a.dec, b.title: b.dec}, classes=range(min(5, a.dec.n_classes)),
-                                          dataset=a.dataset), out / "eigenvectors_side_by_side.png")
-    m = cos.mean(0)
-    res = {"a": str(a.run_dir), "b": str(b.run_dir), "reading_a": a.dec.reading, "reading_b": b.dec.reading,
-           "space": "pixel", "mean_over_classes": m.tolist(), "per_class": cos.tolist(),
-           "top5": m[:5].tolist(), "min_top10": float(m[:10].min()), "min_all": float(m.min())}
     write_json(out / "compare.json", res)
-    lines = [f"{label}: |cos| per rank (pixel space, mean over classes)",
-             "  ranks 1-5: " + "  ".join(f"{float(v):.3f}" for v in m[:5]),
-             f"  min over top-10 ranks {res['min_top10']:.3f}; min over all {len(m)} ranks {res['min_all']:.3f}",
-             f"wrote {out}/compare.json, cosine_per_rank.png, eigenvectors_side_by_side.png"]
+    figures = []
+    if decs is not None:
+        figures.append(plots.save(plots.plot_comparison_grid({f"A {name_a} ({res['a']['reading']})": decs[0],
+                                                              f"B {name_b} ({res['b']['reading']})": decs[1]},
+                                                             classes=range(min(5, decs[0].n_classes)),
+                                                             dataset=ds_a), out / "eigenvectors_side_by_side.png").name)
+    space = "pixel space, |cos|" if res["space"] == "pixel" else "last layer, |corr| of activation profiles"
+
+    def row(xs) -> str:
+        return "  ".join("—" if x is None else f"{float(x):.3f}" for x in xs[:5])
+
+    lines = [f"A = {run_dir_a}: {res['a']['gate']}, read {res['a']['reading']} (test logit R² {res['a']['logit_r2']:.3f}, "
+             f"surrogate acc {res['a']['surrogate_acc']:.4f})",
+             f"B = {run_dir_b}: {res['b']['gate']}, read {res['b']['reading']} (test logit R² {res['b']['logit_r2']:.3f}, "
+             f"surrogate acc {res['b']['surrogate_acc']:.4f})",
+             f"A vs B, {space}, mean over classes, ranks 1-5 by signed eigenvalue:"]
+    for side in ("positive", "negative"):
+        r = res[side]
+        lines += [f"  {side:8s} per rank   {row(r['per_rank'])}",
+                  f"  {side:8s} best match {row(r['best_match'])}   overlap@{k} {r['overlap']:.3f}"]
+    if res.get("form_cosine") is not None:
+        lines.append(f"  form cosine {res['form_cosine']:.3f} (quadratic parts only {res['form_cosine_quadratic']:.3f})")
+    lines.append(f"wrote {out}/compare.json" + "".join(f", {f}" for f in figures))
     return res, lines
 
 

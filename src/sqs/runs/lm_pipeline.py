@@ -310,3 +310,11 @@ def generate_text(lm: LoadedLM, prompt: str, max_new_tokens: int = 200, temperat
     if stop_at_eot and eot is not None and eot in new:
         new = new[:new.index(eot)]
     return prompt + lm.tokenizer.decode(new, skip_special_tokens=True)
+
+
+def train_lm_spec(spec, *, position: int = 0, progress: bool = True, cache_dir=None) -> dict:
+    """Train one LM run of a grid on the CPU (the pool's `run_one`: a top-level function any launcher can
+    ship to another process); returns its final validation loss and bits per byte."""
+    recs = run_lm(spec.cfg, spec.run_dir, cache_dir=cache_dir, device="cpu", progress=progress)
+    final = next((r for r in reversed(recs) if "val_loss" in r), {})
+    return {"val_loss": final.get("val_loss"), "val_bpb": final.get("val_bpb")}

@@ -80,6 +80,7 @@ TOKENIZER = "tokenizer.json"
 TOKENIZER_SHA256 = "tokenizer.json.sha256"
 MARKER = "sqs-run.json"
 FRONTIER_ANALYSIS = "frontier_analysis.json"
+GATES_ANALYSIS = "gates_analysis.json"
 SPECTRA = "spectra"
 
 #: Every name a run directory may hold, and who writes it. Besides these only set-aside copies
@@ -99,6 +100,7 @@ RUN_FILES = {
     TOKENIZER_SHA256: "the sha256 of tokenizer.json, written with it (sqs.data.tinystories.ensure_tokenizer_copy)",
     MARKER: "the mark of a directory sqs made, written when training first claims it (claimed)",
     FRONTIER_ANALYSIS: "the frontier's analysis of a finished run, cached (sqs.experiments.frontier_analysis)",
+    GATES_ANALYSIS: "the gate benchmark's analysis of a finished run, cached (sqs.experiments.gates_analysis)",
     SPECTRA: "folder: `sqs spectra decompose|explain|lm` outputs when --out is not given",
 }
 
