@@ -290,7 +290,8 @@ def test_a_refused_lm_start_leaves_nothing_that_blocks_the_fix(bad, name, tiny_t
 # ----------------------------------------------------------------------------- devices and the run's tokenizer
 
 
-@pytest.mark.parametrize("device", ["banana", "cuda:7"])
+@pytest.mark.parametrize("device", ["banana", "cuda:7", pytest.param("cuda", marks=pytest.mark.skipif(
+    torch.cuda.is_available(), reason="a GPU is visible: `cuda` exists here"))])
 def test_a_device_that_does_not_exist_is_one_line_for_train_lm_and_generate(device, lm_run, tiny_toml, tmp_path,
                                                                            capsys):
     rd = tmp_path / "run"

@@ -14,6 +14,7 @@ tiny IDX dataset; Ctrl-C and SIGTERM during saves and reads; a grid whose parent
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import random
@@ -54,6 +55,17 @@ from sqs.training.trainer import TrainConfig, TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("elapsed_s", "examples_per_s")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread for the whole module, as the child processes get (OMP_NUM_THREADS=1): these
+    models are too small to gain from more, and on a busy machine a second thread that waits for a
+    core makes every step many times slower. The caller's count is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 class LinearTask:
@@ -541,6 +553,65 @@ def test_a_run_dir_made_before_the_mark_is_recognised(tmp_path, reference):
     assert sorted(os.listdir(fake)) == ["checkpoint.safetensors", "history.jsonl"]
 
 
+def _dead_pid() -> int:
+    """The PID of a process that has ended (what an older sqs killed mid-run left in run.lock)."""
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def _as_older(run_dir: Path, dead_pid: int) -> None:
+    """Make `run_dir` what an sqs from before the mark left: no sqs-run.json, a dead PID in run.lock."""
+    (run_dir / MARKER).unlink()
+    (run_dir / "run.lock").write_text(f"{dead_pid}\n")
+
+
+@pytest.mark.usefixtures("eager_backend")
+def test_an_older_image_run_dir_is_skipped_untouched_or_resumed_as_before(tmp_path, idx, monkeypatch):
+    """The run directories a grid of an older sqs wrote (config.json, checkpoint.safetensors,
+    checkpoint.prev.safetensors, history.jsonl, metrics.jsonl, model.safetensors, timing.json and a
+    run.lock holding a dead process's PID; no sqs-run.json) are ours: a grid skips a finished one
+    without writing anything there, the same command leaves its results as they are, and an
+    interrupted one resumes to the uninterrupted result."""
+    from sqs.runs import image_pipeline
+    from sqs.runs.pool import RunSpec, launch
+
+    dead = _dead_pid()
+    ref = tmp_path / "ref"
+    assert main(image_argv(ref, idx)) == 0
+    done = tmp_path / "done"
+    shutil.copytree(ref, done)
+    _as_older(done, dead)
+    assert sorted(os.listdir(done)) == ["checkpoint.prev.safetensors", "checkpoint.safetensors", "config.json",
+                                        "history.jsonl", "metrics.jsonl", "model.safetensors", "run.lock",
+                                        "timing.json"]
+    assert ownership(done) == "older"
+    before = snapshot(done)
+
+    def must_not_train(spec, **kw):
+        raise AssertionError(f"{spec.name} is finished and was trained again")
+
+    summary = launch([RunSpec("done", done, None)], must_not_train, progress=False)
+    assert summary["n_skipped"] == 1 and summary["failed"] == [] and snapshot(done) == before
+    assert main(image_argv(done, idx)) == 0  # the same command: nothing to train, no result changed
+    after = snapshot(done)
+    kept = ("checkpoint.prev.safetensors", "checkpoint.safetensors", "config.json", "metrics.jsonl",
+            "model.safetensors")
+    assert all(after[n] == before[n] for n in kept) and not leftovers(done) and MARKER in after
+    part = tmp_path / "part"  # an older run stopped after its first checkpoint (step 8 of 16)
+    with monkeypatch.context() as m:
+        m.setattr(image_pipeline, "run_image", functools.partial(image_pipeline.run_image, stop_after=8))
+        assert main(image_argv(part, idx)) == 0
+    _as_older(part, dead)
+    assert not is_complete(part) and ownership(part) == "older"
+    assert main(image_argv(part, idx)) == 0
+    assert [e["step"] for e in read_history(part) if e["event"] == "start"] == [0, 8]  # resumed, not restarted
+    assert same_weights(part / "model.safetensors", ref / "model.safetensors")
+    assert strip(read_metrics(part)) == strip(read_metrics(ref))
+    assert (part / MARKER).is_file() and not leftovers(part)
+    assert not [n for n in os.listdir(part) if "not-started" in n]
+
+
 # ----------------------------------------------------------------------------- item 2: OS errors
 
 
@@ -601,7 +672,9 @@ OS_FAULTS = [  # (file, errno, how it fails, the fix the line must give)
     ("run.lock", errno.EACCES, _fail_lock, "--run-dir DIR"),
     ("metrics.jsonl", errno.EDQUOT, lambda e, m: _fail_write_to("metrics.jsonl", e, m), "re-run the same command"),
     ("checkpoint.safetensors", errno.EPERM, _fail_safetensors, "--run-dir DIR"),
+    ("checkpoint.safetensors", errno.ENOSPC, _fail_safetensors, "re-run the same command"),  # the issue's full disk
     ("config.json", errno.ENOSPC, lambda e, m: _fail_open_of("config.json", e, m), "re-run the same command"),
+    ("config.json", errno.EROFS, lambda e, m: _fail_open_of("config.json", e, m), "writable file system"),
 ]
 
 
