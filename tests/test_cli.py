@@ -319,6 +319,27 @@ def test_a_truncated_run_tokenizer_is_named_then_repaired_before_training(lm_run
     assert main(["generate", str(rd), "--max-new-tokens", "2"]) == 0
 
 
+def test_an_older_lm_run_dir_is_recognised_and_its_tokenizer_gets_a_hash(lm_run, tiny_toml, cache, tmp_path):
+    """An LM run an older sqs wrote (no sqs-run.json, a tokenizer.json without its sha256, a dead
+    PID in run.lock) is ours: the same command leaves its results as they are and records the
+    tokenizer's sha256, and `generate` reads it."""
+    import shutil
+
+    from sqs.training.rundir import MARKER, ownership
+
+    rd = tmp_path / "run"
+    shutil.copytree(lm_run, rd)
+    (rd / MARKER).unlink()
+    (rd / "tokenizer.json.sha256").unlink()
+    (rd / "run.lock").write_text("999999999\n")  # no such process
+    assert ownership(rd) == "older"
+    before = {n: (rd / n).read_bytes() for n in ("model.safetensors", "metrics.jsonl", "config.json", "tokenizer.json")}
+    assert main(train_lm(rd, tiny_toml, cache)) == 0
+    assert all((rd / n).read_bytes() == b for n, b in before.items())
+    assert (rd / MARKER).is_file() and (rd / "tokenizer.json.sha256").is_file()
+    assert main(["generate", str(rd), "--max-new-tokens", "2"]) == 0
+
+
 # ----------------------------------------------------------------------------- library follow-ups
 
 

@@ -144,6 +144,12 @@ def _verify(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, st
     elif content_hash(tensors, meta_json) != stored:
         raise CheckpointCorrupt(f"checkpoint {path} is damaged: its content does not match its sha256 "
                                 "(bits changed on disk); it is not used")
+    return _parse_meta(meta_json, path)
+
+
+def _parse_meta(meta_json: str, path: str | Path) -> dict[str, Any]:
+    """The checkpoint's metadata (a JSON object in its header); CheckpointCorrupt, naming `path`, when
+    it does not parse: a header sqs wrote always does, so this is damage, not an unknown error."""
     try:
         meta = json.loads(meta_json)
     except json.JSONDecodeError as e:
@@ -229,14 +235,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
     CheckpointCorrupt when the header or the metadata does not parse, an OSError when the file
     cannot be read."""
-    raw = header_metadata(path).get("meta", "{}")
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise CheckpointCorrupt(f"checkpoint {path} has unreadable metadata ({e})") from e
-    if not isinstance(meta, dict):
-        raise CheckpointCorrupt(f"checkpoint {path} has metadata that is not a JSON object")
-    return meta
+    return _parse_meta(header_metadata(path).get("meta", "{}"), path)
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
