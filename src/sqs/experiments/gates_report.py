@@ -240,9 +240,17 @@ def verdict(panels: dict) -> dict:
 # ----------------------------------------------------------------------------- table, figure
 
 
+def _pm_fidelity(stat: dict | None) -> str:
+    """An R² as mean ± std, except far below 0 (a reading worse than predicting the mean), where the
+    magnitude says nothing and would swamp the table: `< −1` (summary.json keeps the numbers)."""
+    if stat and stat.get("mean") is not None and stat["mean"] < -1:
+        return "< −1"
+    return pm(stat, 3)
+
+
 def _cell_row(c: dict) -> str:
     lm = c["lm"]
-    fid = " / ".join(pm(c["fidelity"].get(r), 3) if r in c["fidelity"] else "—" for r in _ORDER[:3])
+    fid = " / ".join(_pm_fidelity(c["fidelity"].get(r)) if r in c["fidelity"] else "—" for r in _ORDER[:3])
     fit = c["fidelity_some_seeds"].get("fit") or c["fidelity"].get("fit")
     layers = c.get("layers_r2")
     layer_txt = " ".join(fmt(x, 3) for x in layers["mean"]) if layers else "—"
@@ -269,7 +277,7 @@ def write_table(panels: dict, verdict_: dict, grid: GatesGrid) -> str:
              "training data and scored on held-out data: **first-order** (the gate as its slope at 0: v for SQS and "
              "Bilinear, v/2 for GELU and SwiGLU, none for ReLU), **gain** (a least-squares slope b_i per unit), "
              "**affine** (a_i + b_i·v per unit: one quadratic form per output in [x; 1]), **fit** (the forms "
-             "fitted directly; only for some seeds, shown beside). Fidelity: images, the end-to-end logit R² of the "
+             "fitted directly; only for some seeds, shown beside). `< −1`: a reading far worse than predicting the mean. Fidelity: images, the end-to-end logit R² of the "
              "surrogate that replaces every GLU by its reading; LM, the R² of each layer's reading against its "
              "direct contribution to the token directions, averaged over layers. *best* = the most faithful "
              "reading of the cell (highest mean fidelity among the readings every seed has).", "",
@@ -332,6 +340,8 @@ def plot_front(panels: dict, verdict_: dict, path: Path) -> Path | None:
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.3 * ncol, 3.7 * nrow), squeeze=False)
     for ax in axes.flat[len(keys):]:
         ax.axis("off")
+    handles: dict = {}
+    front_handle = None
     for ax, (task, depth) in zip(axes.flat, keys):
         cells = panels[(task, depth)]
         v = verdict_["panels"][f"{task}/{depth}"]
@@ -342,20 +352,28 @@ def plot_front(panels: dict, verdict_: dict, path: Path) -> Path | None:
             col, mk = SETTING_STYLE.get(k, (GATE_COLOR.get(c["gate"], "k"), "o"))
             x, y = c["loss"], c["best_fidelity"]
             ax.errorbar(x["mean"], y["mean"], xerr=x["std"] or 0, yerr=y["std"] or 0, fmt=mk, color=col, ms=7,
-                        mec="k", capsize=2, label=f"{c['label']} ({c['best']})", zorder=3)
+                        mec="k", capsize=2, label=c["label"], zorder=3)
+            ax.annotate(c["best"], (x["mean"], y["mean"]), xytext=(4, 4), textcoords="offset points", fontsize=6,
+                        color="0.25", zorder=4)
+            handles.setdefault(c["label"], ax.get_legend_handles_labels()[0][-1])
         fr = [(cells[k]["loss"]["mean"], cells[k]["best_fidelity"]["mean"]) for k in v["front"]]
         if fr:
             xs, ys = zip(*fr)
-            ax.step(xs, ys, where="post", color="0.3", lw=1, ls="--", zorder=2, label="Pareto front")
+            front_handle = ax.step(xs, ys, where="post", color="0.3", lw=1, ls="--", zorder=2)[0]
         lm = next(iter(cells.values()))["lm"]
         ax.set_title(f"{TASK_LABEL.get(task, task)}: {depth_label(depth, lm)}", fontsize=10)
         ax.set_xlabel("validation loss (nats/token)" if lm else "test loss")
         ax.set_ylabel("fidelity, best reading\n(mean layer R²)" if lm else "fidelity, best reading\n(end-to-end logit R²)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6.5, loc="lower right")
-    fig.suptitle("Which gate? Loss against readability (marker: mean ± seed std; in brackets: the most faithful "
+    if front_handle is not None:
+        handles["Pareto front"] = front_handle
+    # one legend for all panels, where no data can hide behind it: an empty slot, else below the panels
+    spare = list(axes.flat[len(keys):])
+    where = dict(loc="center") if spare else dict(loc="lower center", ncol=len(handles), bbox_to_anchor=(0.5, 0))
+    (spare[0] if spare else fig).legend(list(handles.values()), list(handles), fontsize=9, **where)
+    fig.suptitle("Which gate? Loss against readability (marker: mean ± seed std; beside it: the most faithful "
                  "reading)", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0 if spare else 0.05, 1, 1))
     return save_figure(fig, path)
 
 
