@@ -13,6 +13,7 @@ tiny IDX dataset; Ctrl-C and SIGTERM during saves and reads; a grid whose parent
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -875,7 +876,9 @@ def make_big_model() -> torch.nn.Module:
 
 def signal_loop(run_dir: str, rounds: int, seed: int = 0) -> dict:
     """Train `run_dir` (a checkpoint at every step) and stop it `rounds` times, alternately with SIGINT
-    and SIGTERM sent at a random time 20-250 ms into the call; after each stop check that it was an
+    and SIGTERM sent at a random time 0-250 ms after the call has claimed the run (so SIGTERM meets
+    the trainer's handler, as it does in `sqs train`: before that the process has SIGTERM's default,
+    which ends it, as any program); after each stop check that it was an
     interruption, that no file was set aside or called damaged, and that no temporary file is left.
     Then compare the last checkpoint with an uninterrupted run's at the same step. Run in a child
     process (a SIGTERM that is not handled ends the process)."""
@@ -911,15 +914,23 @@ def signal_loop(run_dir: str, rounds: int, seed: int = 0) -> dict:
             sent.set()
 
     train(make_big_model(), LinearTask(), make_cfg(steps=2), run_dir.with_name("warm-up"), progress=False)
+    real_claimed = trainer.claimed
+
+    @contextlib.contextmanager
+    def claimed_then_go(*a, **k):  # the sender's clock starts inside train's graceful_sigterm
+        ready.set()
+        with real_claimed(*a, **k) as d:
+            yield d
+
+    trainer.claimed = claimed_then_go
     threading.Thread(target=sender, daemon=True).start()
     for i in range(rounds):
         sig = (signal.SIGINT, signal.SIGTERM)[i % 2]
-        asks.append((rng.uniform(0.02, 0.25), sig))
+        asks.append((rng.uniform(0.0, 0.25), sig))
         sent.clear()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                ready.set()
                 train(make_big_model(), LinearTask(), cfg, run_dir, progress=False)
                 outcome = "finished"
             except Terminated:
@@ -942,6 +953,7 @@ def signal_loop(run_dir: str, rounds: int, seed: int = 0) -> dict:
         stats["bad"] += [f"round {i}: left {n}" for n in leftovers(run_dir)]
         if (run_dir / "checkpoint.safetensors").exists():  # (a stop before the first save leaves none)
             stats["steps"].append(read_meta(run_dir / "checkpoint.safetensors")["step"])
+    trainer.claimed = real_claimed
     from safetensors.torch import load_file
 
     last = stats["steps"][-1]
