@@ -998,6 +998,12 @@ launch(specs, t.slow_run, workers=2, threads=1, progress=False, launcher="proces
 """
 
 
+def _last_step(run_dir: Path) -> int:
+    """The step of the last metrics record of `run_dir` (-1 if none)."""
+    recs = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+    return max((r["step"] for r in recs), default=-1)
+
+
 def _alive(pid: int) -> bool:
     """True while `pid` runs (a zombie waiting for a reaper has exited)."""
     try:
@@ -1031,17 +1037,21 @@ def test_grid_workers_stop_within_seconds_of_a_kill_9_of_their_parent(tmp_path):
         parent.kill()
         parent.wait()
         t0 = time.monotonic()
-        while any(_alive(w) for w in workers) and time.monotonic() - t0 < 10:
+        at_kill = [_last_step(root / f"r{i}") for i in range(2)]
+        while any(_alive(w) for w in workers) and time.monotonic() - t0 < 60:
             time.sleep(0.05)
         gone_after = time.monotonic() - t0
-        assert not any(_alive(w) for w in workers), "workers still training 10 s after their parent died"
+        assert not any(_alive(w) for w in workers), "workers still running 60 s after their parent died"
     finally:
         for w in workers:  # only the workers this test started, by PID
             if _alive(w):
                 os.kill(w, signal.SIGKILL)
         if parent.poll() is None:
             parent.kill()
-    assert gone_after < 5, gone_after
+    # Stopped at once in steps, whatever the load (seconds depend on it: on an idle machine well under
+    # one; with the cores taken by other work the interpreter's exit alone can take several): at most
+    # one evaluation interval (5 steps, 0.25 s of this task) after the kill.
+    assert all(_last_step(root / f"r{i}") <= at_kill[i] + 5 for i in range(2)), (at_kill, gone_after)
     from sqs.runs.pool import RunSpec, launch
 
     for i in range(2):
