@@ -3,7 +3,9 @@ and where a grid's runs execute and log (`add_grid_launch`, `grid_launch`; `add_
 
 Every numeric flag goes through one of the `type=` checkers below, so a value out of range
 (`--epochs 0`, `--top-k -3`, `--temperature nan`) is refused at parse time with one line that
-names the flag and the valid range, before anything runs or is written.
+names the flag and the valid range, before anything runs or is written. Folder flags
+(`--run-dir`, `--runs-dir`, a RUN_DIR argument) go through `folder`: an empty path, which
+would mean the current folder, is refused the same way.
 """
 
 from __future__ import annotations
@@ -17,6 +19,13 @@ from sqs.training.rundir import ALLOWED_CHANGES
 
 RUNS_HELP = ("runs folder: each run goes to RUNS_DIR/<config>/<dataset>/<gate>[-<params>]-s<seed>, named by its "
              "config (default: %(default)s)")
+
+
+def folder(text: str) -> str:
+    """argparse type: a folder path that is not empty (`--run-dir ""` would be the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a folder, got an empty path")
+    return text
 
 
 def gate(name: str) -> str:

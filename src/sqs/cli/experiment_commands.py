@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from sqs.cli.args import (RUNS_HELP, add_gate, add_grid_launch, add_set, grid_launch, grid_threads, nonneg_int,
-                          positive_float, positive_int)
+from sqs.cli.args import (RUNS_HELP, add_gate, add_grid_launch, add_set, folder, grid_launch, grid_threads,
+                          nonneg_int, positive_float, positive_int)
 from sqs.cli.train_commands import add_image_common, add_lm_common, lm_length
 
 
@@ -22,12 +22,20 @@ def _report_grid(name: str, summary: dict) -> None:
 
 
 def _exit_status(summary: dict | None) -> int:
-    """1 (and the runs named) when a grid had failed runs, else 0."""
-    if summary and summary["failed"]:
-        print("failed runs: " + ", ".join(f["run"] for f in summary["failed"]) + " (re-run the command to retry)",
-              file=sys.stderr)
-        return 1
-    return 0
+    """1 when a grid had failed runs, else 0. A run stopped by an error a person fixes (held by
+    another live process, not a run's folder, a full disk) is named with its one-line message,
+    whose fix is not "retry"; the others (bugs) are named after their tracebacks."""
+    if not (summary and summary["failed"]):
+        return 0
+    bugs = []
+    for f in summary["failed"]:
+        if "\n" in str(f["error"]):
+            bugs.append(f["run"])
+        else:
+            print(f"sqs: error: run {f['run']}: {f['error']}", file=sys.stderr)
+    if bugs:
+        print("failed runs: " + ", ".join(bugs) + " (tracebacks above; re-run the command to retry)", file=sys.stderr)
+    return 1
 
 
 def _table1(args) -> int:
@@ -180,7 +188,7 @@ def register(sub, groups) -> None:
                     "(--set model.gate_kwargs.lam=0.1) go to the SQS runs, filed as sqs-lam0.1-s<seed>.")
     add_image_common(p)
     p.add_argument("--out", default="results/image", help="report folder (default: %(default)s)")
-    p.add_argument("--runs-dir", default="runs", help=RUNS_HELP)
+    p.add_argument("--runs-dir", type=folder, default="runs", help=RUNS_HELP)
     p.add_argument("--seeds", type=positive_int, default=5, help="seeds 0..N-1 (default: %(default)s)")
     add_gate(p, "--gates", nargs="+", default=list(GATES), help=f"gates (default: {' '.join(GATES)})")
     p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS), metavar="DATASET",
@@ -197,7 +205,7 @@ def register(sub, groups) -> None:
         "spectra", help="Sec. 4.1: train Bilinear + SQS 1-layer models, compare their eigenvectors",
         description="Train (skipping finished runs) 1-layer Bilinear and SQS models per seed and dataset (config "
                     "sec41), decompose them and write summary.md, summary.json and figures.")
-    p.add_argument("--runs-dir", default="runs", help=RUNS_HELP)
+    p.add_argument("--runs-dir", type=folder, default="runs", help=RUNS_HELP)
     p.add_argument("--out", default="results/spectra")
     p.add_argument("--seeds", type=positive_int, default=5)
     p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
@@ -221,7 +229,7 @@ def register(sub, groups) -> None:
     f.add_argument("--epochs", type=positive_float, default=None, help="override every run's epochs (default: the configs')")
     f.add_argument("--datasets", nargs="+", choices=DATASETS, default=None, metavar="DATASET",
                    help="restrict to these datasets (default: the grid's)")
-    f.add_argument("--runs-dir", default="runs", help=RUNS_HELP)
+    f.add_argument("--runs-dir", type=folder, default="runs", help=RUNS_HELP)
     f.add_argument("--out", default="results/frontier", help="report folder (default: %(default)s)")
     f.add_argument("--log", default=None, help="progress log: one line per finished run, with rate and ETA")
     f.add_argument("--workers", type=positive_int, default=None,
@@ -251,7 +259,7 @@ def register(sub, groups) -> None:
                    help="override every LM run's config, dotted keys (e.g. --lm-set train.steps=50)")
     g.add_argument("--epochs", type=positive_float, default=None,
                    help="override every image run's epochs (default: the configs')")
-    g.add_argument("--runs-dir", default="runs", help=RUNS_HELP)
+    g.add_argument("--runs-dir", type=folder, default="runs", help=RUNS_HELP)
     g.add_argument("--out", default="results/gates", help="report folder (default: %(default)s)")
     g.add_argument("--log", default=None, help="progress log: one line per finished run, with rate and ETA")
     g.add_argument("--workers", type=positive_int, default=None,
@@ -271,7 +279,7 @@ def register(sub, groups) -> None:
                     "finished runs, then write results/lm/table.md, table.json, curves.png and samples.md.")
     add_lm_common(e)
     e.add_argument("--out", default="results/lm", help="report folder (default results/lm)")
-    e.add_argument("--runs-dir", default="runs", help=RUNS_HELP)
+    e.add_argument("--runs-dir", type=folder, default="runs", help=RUNS_HELP)
     add_gate(e, "--gates", nargs="+", default=list(GATES), help=f"gates to train (default all: {' '.join(GATES)})")
     e.add_argument("--extra-seeds", nargs="*", type=nonneg_int, default=[1],
                    help="extra seeds for SQS and SwiGLU, to show the seed noise (default: 1; none: --extra-seeds)")
@@ -294,7 +302,7 @@ def register(sub, groups) -> None:
                     "(unless --no-train); writes summary.md, summary.json and figures to --out.")
     add_lm_common(e)
     e.add_argument("--out", default="results/lm_spectra", help="report folder (default: %(default)s)")
-    e.add_argument("--runs-dir", default="runs", help=RUNS_HELP)
+    e.add_argument("--runs-dir", type=folder, default="runs", help=RUNS_HELP)
     e.add_argument("--no-train", action="store_true",
                    help="train nothing: analyse the finished runs, report unfinished ones as missing")
     e.add_argument("--directions", nargs="+", default=list(DEFAULT_TOKENS), metavar="TOKEN",

@@ -7,8 +7,8 @@ import json
 import time
 from pathlib import Path
 
-from sqs.cli.args import (RUNS_HELP, add_allow_change, add_gate, add_logger, add_set, nonneg_int, positive_float,
-                          positive_int)
+from sqs.cli.args import (RUNS_HELP, add_allow_change, add_gate, add_logger, add_set, folder, nonneg_int,
+                          positive_float, positive_int)
 
 
 def image_config(args, gate: str | None = None, dataset: str | None = None, seed: int | None = None):
@@ -140,8 +140,8 @@ def register(sub, groups) -> None:
     p.add_argument("--seed", type=nonneg_int, default=None, help="default: the config's (0)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="override the config's batch size")
     add_allow_change(p)
-    p.add_argument("--run-dir", help="the run directory (default: the config's, under --runs-dir)")
-    p.add_argument("--runs-dir", default="runs", help=RUNS_HELP)
+    p.add_argument("--run-dir", type=folder, help="the run directory (default: the config's, under --runs-dir)")
+    p.add_argument("--runs-dir", type=folder, default="runs", help=RUNS_HELP)
     p.add_argument("--data-dir", help="a folder with the dataset's four IDX files (raw or .gz) instead of the cache")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
     add_logger(p)
@@ -156,9 +156,9 @@ def register(sub, groups) -> None:
     add_gate(p, "--gate", default=None, help="GLU gate (default: the config's, sqs)")
     p.add_argument("--seed", type=nonneg_int, default=None, help="seed (default: the config's, 0)")
     add_allow_change(p)
-    p.add_argument("--run-dir", help="run directory (default: the config's, RUNS_DIR/<config>/tinystories/"
+    p.add_argument("--run-dir", type=folder, help="run directory (default: the config's, RUNS_DIR/<config>/tinystories/"
                                      "<gate>[-<params>]-s<seed>); re-running the same command resumes it")
-    p.add_argument("--runs-dir", default="runs", help=RUNS_HELP)
+    p.add_argument("--runs-dir", type=folder, default="runs", help=RUNS_HELP)
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
     add_logger(p)
     p.set_defaults(func=_train_lm)

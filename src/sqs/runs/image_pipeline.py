@@ -59,8 +59,9 @@ from sqs.training.rundir import (
     TIMING,
     RunConfigMismatch,
     canonical_config,
+    check_claimable,
+    claimed,
     has_started,
-    locked,
     update_run_json,
 )
 from sqs.training.trainer import step_generator, train
@@ -185,6 +186,7 @@ def run_image(cfg: ImageRunConfig, run_dir: str | Path, progress: bool = True, *
     the curves also go besides metrics.jsonl (`sqs.training.loggers`: tensorboard, wandb).
     """
     t0 = time.perf_counter()
+    run_dir = check_claimable(run_dir)  # a folder that is not ours is refused before the data are loaded
     x_tr, y_tr, x_te, y_te = data if data is not None else load_data(cfg.dataset, data_dir, cache_dir)
     tc = cfg.train_config(x_tr.shape[0])
     noise_std = cfg.noise_std * (float(x_tr.std()) if cfg.noise_relative else 1.0)
@@ -193,7 +195,7 @@ def run_image(cfg: ImageRunConfig, run_dir: str | Path, progress: bool = True, *
                      grad_accum=tc.grad_accum, eval_batch_size=cfg.eval_batch_size)
     model = build_model(cfg)
     kw = {"position": position} if position is not None else {}
-    with locked(run_dir):  # the trainer takes the same (re-entrant) lock; timing.json is written under it too
+    with claimed(run_dir):  # the trainer claims it again (re-entrant); timing.json is written under the same hold
         records = train(model, task, tc, run_dir, config=run_record(cfg, x_tr.shape[0], x_te.shape[0]),
                         progress=progress, desc=desc or cfg.label(), stop_after=stop_after, loggers=loggers, **kw)
         add_timing(run_dir, time.perf_counter() - t0)

@@ -12,6 +12,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from sqs.core import resolve_device
 from sqs.io import ConfigError
 
 
@@ -30,22 +31,12 @@ def is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def resolve_device(device: str | None = "auto") -> torch.device:
-    """"auto": this rank's GPU when CUDA is available (LOCAL_RANK under torchrun), else the CPU."""
-    if device in (None, "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return dev
-
-
 def init_distributed(device: str | None = "auto") -> bool:
     """Under torchrun (WORLD_SIZE > 1), join the process group from the environment:
     NCCL when this run uses CUDA, gloo on CPU. Returns True if this call initialised it."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
         return False
-    dev = resolve_device(device)
+    dev = resolve_device(device)  # a device that does not exist: one DeviceError line listing those that do
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")

@@ -19,7 +19,9 @@ ends with the same numbers.
 Faults (docs/reliability.md): a damaged newest checkpoint is set aside and the previous
 one used; damaged metrics lines are set aside with the file, never truncated away; a
 second process on the same directory is refused; a non-finite loss or state stops the run
-with a message that says which checkpoint is good.
+with a message that says which checkpoint is good. A folder holding files sqs did not write is
+refused untouched, an OS error on the run's files is one line (`rundir.claimed`), and SIGTERM
+stops the run like Ctrl-C (`signals.Terminated`), a save in progress completing first.
 
 The experiment supplies a `Task`:
     task.batch(step, micro, rank, world) -> batch   (deterministic in its arguments)
@@ -64,14 +66,15 @@ from sqs.training.rundir import (
     CHECKPOINT,
     METRICS,
     MODEL,
-    RunLock,
     active_divergence,
+    claimed,
     change_hint,
     copy_aside,
     move_aside,
     prepare_run_dir,
     record_event,
 )
+from sqs.training.signals import graceful_sigterm
 
 
 class TrainingDiverged(RuntimeError):
@@ -231,8 +234,8 @@ def _resume_from(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.O
         if limit is not None:
             try:
                 step = int(read_meta(path).get("step", 0))
-            except Exception:
-                step = None
+            except (CheckpointCorrupt, TypeError, ValueError):
+                step = None  # damaged: load_checkpoint below says so and sets it aside
             if step is not None and step >= limit:
                 to = move_aside(path, "diverged")
                 _note(run_dir, f"{path.name} (step {step}) holds the weights that diverged at step {limit}; kept as "
@@ -316,24 +319,20 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | P
     `loggers` names where the curves also go (`sqs.training.loggers.LOGGERS`: tensorboard, wandb;
     metrics.jsonl is always written), opened by rank 0 for this session and continued on resume.
 
-    Rank 0 holds the run's lock (RunLocked if another process trains it) until it returns.
+    Rank 0 claims the run directory until it returns (`rundir.claimed`): the run's lock
+    (RunLocked if another process trains it), a folder holding files sqs did not write refused
+    untouched (NotOurs), every OS error on the run's files one RunFileError line. SIGTERM raises
+    `sqs.training.signals.Terminated` (a KeyboardInterrupt) unless the program handles it itself.
     """
     rank, world = rank_world()
-    run_dir = Path(run_dir)
     config = config if config is not None else {"train": asdict(cfg)}
-    lock = RunLock(run_dir) if rank == 0 else None
-    if lock is not None:
-        lock.acquire()
-    try:
+    with graceful_sigterm(), (claimed(run_dir) if rank == 0 else nullcontext(Path(run_dir))) as run_dir:
         if rank == 0:
             prepare_run_dir(run_dir, config, allow_changes=allow_changes)
         if world > 1:
             dist.barrier()
         return _train(model, task, cfg, run_dir, config, progress, desc, stop_after, position, rank, world,
                       tuple(loggers))
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def _train(model, task, cfg, run_dir: Path, config, progress, desc, stop_after, position, rank, world,
@@ -386,8 +385,8 @@ def _train(model, task, cfg, run_dir: Path, config, progress, desc, stop_after, 
             prev_step = int(prev_meta.get("step"))
             if prev_meta.get("w_max") is not None:
                 growth[prev_step] = float(prev_meta["w_max"]) / w_start
-        except Exception:
-            prev_step = None
+        except (CheckpointCorrupt, TypeError, ValueError):
+            prev_step = None  # not usable as a fallback: the NaN message will not offer it
     evals = cfg.eval_steps()
     records: list[dict] = []
     if rank == 0:
