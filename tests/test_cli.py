@@ -86,7 +86,37 @@ BAD_FLAGS = [
     (["experiment", "table1", "--seeds", "0"], "--seeds"),
     (["experiment", "tinystories", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["data", "fetch", "tinystories", "--vocab-size", "-1"], "--vocab-size"),
+    (["experiment", "table1", "--threads", "0"], "--threads"),
+    (["experiment", "table1", "--workers", "-1"], "--workers"),
+    (["experiment", "table1", "--epochs", "-2"], "--epochs"),
+    (["experiment", "frontier", "--epochs", "-1"], "--epochs"),
+    (["experiment", "frontier", "--workers", "0"], "--workers"),
+    (["experiment", "spectra", "--epochs", "-1"], "--epochs"),
+    (["experiment", "tinystories", "--epochs", "-1"], "--epochs"),
+    (["experiment", "lm-spectra", "--steps", "0"], "--steps"),
+    (["train", "image", "--threads", "0"], "--threads"),
+    (["train", "image", "--run-dir", ""], "--run-dir"),
+    (["train", "lm", "--runs-dir", " "], "--runs-dir"),
+    (["spectra", "decompose", ""], "run_dir"),
 ]
+
+# Config keys are checked when the config is built, named as the user wrote them (`--print-config` runs nothing).
+BAD_KEYS = [
+    (["train", "image", "--set", "train.lr=0"], "train.lr"),
+    (["train", "image", "--set", "train.betas=[1, 2]"], "train.betas"),
+    (["train", "image", "--set", "train.warmup_steps=-1"], "train.warmup_steps"),
+    (["train", "image", "--set", "model.d_model=0"], "model.d_model"),
+    (["train", "image", "--set", "model.d_hidden=-3"], "model.d_hidden"),
+    (["train", "lm", "--set", "train.betas=[0.9, 1.5]"], "betas"),
+    (["train", "lm", "--set", "train.checkpoint_every=-1"], "checkpoint_every"),
+    (["train", "lm", "--set", "eval.eval_every=-1"], "eval_every"),
+]
+
+
+@pytest.mark.parametrize("argv,key", BAD_KEYS, ids=[" ".join(a) for a, _ in BAD_KEYS])
+def test_a_config_key_out_of_range_is_one_line_naming_it(argv, key, capsys):
+    assert main([*argv, "--print-config"]) == 2
+    one_line_error(capsys, key)
 
 
 @pytest.mark.parametrize("argv,flag", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
@@ -257,6 +287,59 @@ def test_a_refused_lm_start_leaves_nothing_that_blocks_the_fix(bad, name, tiny_t
     assert is_complete(rd)
 
 
+# ----------------------------------------------------------------------------- devices and the run's tokenizer
+
+
+@pytest.mark.parametrize("device", ["banana", "cuda:7", pytest.param("cuda", marks=pytest.mark.skipif(
+    torch.cuda.is_available(), reason="a GPU is visible: `cuda` exists here"))])
+def test_a_device_that_does_not_exist_is_one_line_for_train_lm_and_generate(device, lm_run, tiny_toml, tmp_path,
+                                                                           capsys):
+    rd = tmp_path / "run"
+    assert main([*train_lm(rd, tiny_toml, tmp_path / "no-cache"), "--device", device]) == 2
+    one_line_error(capsys, f"--device {device}", "available here: cpu")
+    assert not rd.exists()  # refused before any data or file
+    assert main(["generate", str(lm_run), "--device", device, "--max-new-tokens", "2"]) == 2
+    one_line_error(capsys, f"--device {device}", "available here: cpu")
+
+
+def test_a_truncated_run_tokenizer_is_named_then_repaired_before_training(lm_run, tiny_toml, cache, tmp_path, capsys):
+    import shutil
+
+    rd = tmp_path / "run"
+    shutil.copytree(lm_run, rd)
+    tok = rd / "tokenizer.json"
+    assert (rd / "tokenizer.json.sha256").is_file()  # written with it, registered in RUN_FILES
+    good = tok.read_bytes()
+    tok.write_bytes(good[: len(good) // 2])  # the issue's truncated tokenizer
+    assert main(["generate", str(rd), "--max-new-tokens", "2"]) == 2
+    one_line_error(capsys, str(tok), "damaged", "sqs train lm", f"--run-dir {rd}")
+    with pytest.warns(Warning, match="copied again"):
+        assert main(train_lm(rd, tiny_toml, cache)) == 0  # the advised command repairs it (the run is finished)
+    assert tok.read_bytes() == good
+    assert main(["generate", str(rd), "--max-new-tokens", "2"]) == 0
+
+
+def test_an_older_lm_run_dir_is_recognised_and_its_tokenizer_gets_a_hash(lm_run, tiny_toml, cache, tmp_path):
+    """An LM run an older sqs wrote (no sqs-run.json, a tokenizer.json without its sha256, a dead
+    PID in run.lock) is ours: the same command leaves its results as they are and records the
+    tokenizer's sha256, and `generate` reads it."""
+    import shutil
+
+    from sqs.training.rundir import MARKER, ownership
+
+    rd = tmp_path / "run"
+    shutil.copytree(lm_run, rd)
+    (rd / MARKER).unlink()
+    (rd / "tokenizer.json.sha256").unlink()
+    (rd / "run.lock").write_text("999999999\n")  # no such process
+    assert ownership(rd) == "older"
+    before = {n: (rd / n).read_bytes() for n in ("model.safetensors", "metrics.jsonl", "config.json", "tokenizer.json")}
+    assert main(train_lm(rd, tiny_toml, cache)) == 0
+    assert all((rd / n).read_bytes() == b for n, b in before.items())
+    assert (rd / MARKER).is_file() and (rd / "tokenizer.json.sha256").is_file()
+    assert main(["generate", str(rd), "--max-new-tokens", "2"]) == 0
+
+
 # ----------------------------------------------------------------------------- library follow-ups
 
 
@@ -265,6 +348,8 @@ def test_old_gate_names_resume_as_the_same_run(tmp_path):
     rd.mkdir()
     (rd / "config.json").write_text(json.dumps({"model": {"gate": "identity", "d": 4}, "train": {"lr": 0.1}}))
     (rd / "checkpoint.safetensors").write_bytes(b"x")  # a run that trained
+    # made by an sqs from before the mark (sqs-run.json): its history shows it is a run's
+    (rd / "history.jsonl").write_text(json.dumps({"event": "start", "step": 0, "time": "2025-01-01", "pid": 1}) + "\n")
     prepare_run_dir(rd, {"model": {"gate": "bilinear", "d": 4}, "train": {"lr": 0.1}})
     with pytest.raises(RunConfigMismatch, match="model.d"):
         prepare_run_dir(rd, {"model": {"gate": "bilinear", "d": 8}, "train": {"lr": 0.1}})

@@ -151,3 +151,40 @@ def test_the_benchmark_runs_reads_every_run_and_resumes_from_its_caches(tmp_path
     assert "trained 0" in err
     assert {p: p.stat().st_mtime_ns for p in runs.glob(f"**/{GATES_ANALYSIS}")} == stamps
     assert json.loads((out / "summary.json").read_text())["verdict"] == summary["verdict"]
+
+
+def test_the_benchmark_takes_the_grid_launch_flags_and_forwards_them_to_every_run(tmp_path, tinystories_cache,
+                                                                                 monkeypatch, capsys):
+    """`--launcher ray --cpus-per-run --gpus-per-run --ray-address --logger` reach the pool for the image
+    runs and the LM runs alike (Ray itself is replaced by the inline launcher here: tests/test_ray_launcher.py
+    runs a grid on a real local Ray)."""
+    pytest.importorskip("tensorboardX")
+    from sqs.runs import pool, ray_launcher
+    from sqs.training.rundir import TENSORBOARD, is_complete
+
+    seen = []
+
+    def fake_ray(todo, run_one, workers, threads, run_bars, finished, **options):
+        seen.append(([s.name for s in todo], threads, options))
+        pool.inline(todo, run_one, workers, threads, run_bars, finished)
+
+    monkeypatch.setattr(ray_launcher, "require_ray", lambda: None)
+    monkeypatch.setitem(pool.LAUNCHERS, "ray", fake_ray)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "tinystories").symlink_to(Path(tinystories_cache) / "tinystories", target_is_directory=True)
+    fill_image_cache(cache)
+    (tmp_path / "tiny.toml").write_text(TINY_LM_TOML)
+    grid = tmp_path / "grid.toml"
+    grid.write_text(f'[grid]\ndatasets = ["mnist"]\ndepths = ["sec41"]\ngates = ["bilinear"]\nseeds = [0]\n'
+                    f'[grid.lm]\nconfig = "{tmp_path / "tiny.toml"}"\nseeds = [0]\n')
+    runs = tmp_path / "runs"
+    argv = ["experiment", "gates", "--grid", str(grid), "--runs-dir", str(runs), "--train-only", "--no-progress",
+            "--cache-dir", str(cache), "--launcher", "ray", "--cpus-per-run", "2", "--gpus-per-run", "0",
+            "--ray-address", "head:6379", "--logger", "tensorboard"] + sum((["--set", s] for s in TINY_IMAGE), [])
+    assert main(argv) == 0
+    assert "Ray tasks of 2 CPU(s), 0 GPU(s), 2 thread(s) each, on head:6379" in capsys.readouterr().err
+    options = {"address": "head:6379", "cpus_per_run": 2.0, "gpus_per_run": 0.0}
+    assert seen == [(["sec41/mnist/bilinear-s0"], 2, options), (["tiny/tinystories/bilinear-s0"], 2, options)]
+    done = [cfg.parent for cfg in runs.glob("**/config.json")]
+    assert len(done) == 2 and all(is_complete(d) and (d / TENSORBOARD).is_dir() for d in done)

@@ -281,6 +281,48 @@ def test_two_process_ddp_equals_one_process(cache, tmp_path):
     assert all(math.isclose(x["val_loss"], y["val_loss"], rel_tol=1e-5) for x, y in zip(ra, rb))
 
 
+RANKS_RESUME = """
+import os, sys
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+def work(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    from sqs.io import ConfigError
+    from sqs.training.distributed import same_start
+    said = []
+    for starts in ((8, 8), (8, 0)):  # a shared run folder; then rank 1's node does not see the checkpoint
+        try:
+            same_start(starts[rank], "RUN")
+            said.append("ok")
+        except ConfigError as e:
+            said.append(str(e))
+    with open(os.path.join(out, str(rank)), "w") as f:
+        f.write("\\n".join(said))
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    mp.spawn(work, args=(sys.argv[1], sys.argv[2]), nprocs=2)
+"""
+
+
+def test_ranks_that_would_resume_from_different_steps_are_refused_on_every_rank(tmp_path):
+    """Multi-node torchrun with a runs folder the nodes do not share: rank 0 finds a checkpoint,
+    another rank does not; every rank stops with the same one line instead of training apart."""
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS_RESUME)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env["PYTHONPATH"] = str(Path(sqs.__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, str(script), str(_free_port()), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = [(tmp_path / r).read_text().split("\n") for r in ("0", "1")]
+    assert said[0] == said[1]
+    assert said[0][0] == "ok"
+    assert "rank 0 resumes at step 8 but rank(s) 1 at step 0" in said[0][1] and "shared folder" in said[0][1]
+
+
 # ---- experiment and report --------------------------------------------------------------------
 
 def test_experiment_writes_table_curves_samples_and_skips_finished_runs(cache, tmp_path):

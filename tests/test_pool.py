@@ -43,6 +43,6 @@ def test_finished_runs_are_skipped_and_a_failure_does_not_stop_the_others(tmp_pa
 
 
 def test_launchers_are_named():
-    assert set(LAUNCHERS) >= {"inline", "processes"}
-    with pytest.raises(ValueError, match="unknown launcher 'ray'"):
-        launch([], run_one, launcher="ray")
+    assert set(LAUNCHERS) >= {"inline", "processes", "ray"}
+    with pytest.raises(ValueError, match="unknown launcher 'slurm'"):
+        launch([], run_one, launcher="slurm")

@@ -6,13 +6,15 @@ error's message as one line, without a traceback.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 
 class UserError(Exception):
@@ -33,19 +35,52 @@ class DataWarning(UserWarning):
     """Something in a file on disk was damaged and skipped or set aside (nothing was lost)."""
 
 
+def os_cause(e: BaseException) -> str:
+    """What went wrong, in words: strerror (read-only file system, no space left on device,
+    permission denied, disk quota exceeded, not a directory, ...)."""
+    if isinstance(e, UnicodeError):
+        return "the path cannot be encoded on this file system"
+    err = getattr(e, "errno", None)
+    what = getattr(e, "strerror", None) or (errno.errorcode.get(err, "") if err else "") or str(e) or type(e).__name__
+    return what[:1].lower() + what[1:]
+
+
+@contextlib.contextmanager
+def naming_errors(path: str | os.PathLike, *also: str | os.PathLike) -> Iterator[None]:
+    """Inside the block, an OSError that names no file (a `write()` that hits a full disk), or
+    names one of the temporary paths `also`, is made to name `path`: the file the user knows."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno is None:  # a library's own OSError with a message of its own: naming it would garble that
+            raise
+        if e.filename is None or os.fspath(e.filename) in {os.fspath(a) for a in also}:
+            e.filename = os.fspath(path)
+        raise
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp_path)`, then rename tmp onto `path` (same directory, so atomic)."""
+    """Call `write(tmp_path)`, then rename tmp onto `path` (same directory, so atomic).
+
+    Whatever stops it (an OSError, Ctrl-C, SIGTERM raised as an exception) removes the temporary
+    file; an OSError names `path`, not the temporary name."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        if e.filename is None or os.path.basename(os.fsdecode(e.filename)).startswith(f".{path.name}."):
+            e.filename = os.fspath(path)  # the temporary's name means nothing to the user
+        raise
     os.close(fd)
     try:
-        write(Path(tmp))
-        _fsync(Path(tmp))  # the data reach the disk before the rename makes them visible
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results should be readable like any file
-        os.replace(tmp, path)
+        with naming_errors(path, tmp):
+            write(Path(tmp))
+            _fsync(Path(tmp))  # the data reach the disk before the rename makes them visible
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results should be readable like any file
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -140,8 +175,23 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
-    """Append one record as one line, flushed and fsynced (a crash loses at most this line)."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one record as one line, flushed and fsynced (a crash loses at most this line).
+
+    A write that fails (a full disk) is cut back to where the file ended, so it leaves no
+    partial line; the OSError names `path`."""
+    line = (json.dumps(record) + "\n").encode("utf-8")
+    with naming_errors(path):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            end = os.fstat(fd).st_size
+            try:
+                done = 0
+                while done < len(line):
+                    done += os.write(fd, line[done:])
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, end)
+                raise
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -15,14 +15,16 @@ arguments and calls a library function; none computes anything itself.
 
 Errors a person can fix are printed as ONE line on stderr, exit status 2, no traceback
 (`sqs --debug ...` or SQS_DEBUG=1 shows it): a flag out of range (refused by argparse before
-anything runs), and every `sqs.io.UserError` (config, run directory, checkpoint, data) or
-missing / unreadable file. `TrainingDiverged` exits with status 1, Ctrl-C with 130. Anything
-else is a bug and keeps its traceback.
+anything runs), every `sqs.io.UserError` (config, run directory, checkpoint, data) and every
+OS error that names a file (missing, unreadable, read-only, no space, quota, ...).
+`TrainingDiverged` exits with status 1, Ctrl-C with 130, SIGTERM (a stop like Ctrl-C: the save in
+progress completes) with 143. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import traceback
@@ -51,8 +53,18 @@ MODULES = (data_commands, bench_commands, train_commands, experiment_commands, s
 
 
 # Errors of the file system that a person fixes (a path that is not there, not readable or
-# not writable); their message names the file.
+# not writable); their message names the file. Any other OSError that names a file (read-only
+# file system, no space, quota, ...) is one too.
 FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+# What to do about an OS error on a file outside a run directory (those inside one are
+# RunFileErrors, with their own fix), by errno.
+_OS_FIXES = {
+    errno.ENOSPC: "free space there, then re-run the same command (finished work is kept)",
+    errno.EDQUOT: "free space within your disk quota, then re-run the same command (finished work is kept)",
+    errno.EROFS: "choose a writable location (data cache: --cache-dir DIR or $SQS_CACHE_DIR; a run: --run-dir DIR; "
+                 "a report: --out DIR)",
+}
 
 
 class Parser(argparse.ArgumentParser):
@@ -87,13 +99,15 @@ def user_message(err: BaseException) -> str | None:
 
     if isinstance(err, UserError):
         return one_line(str(err))
-    if isinstance(err, FILE_ERRORS):
+    if isinstance(err, FILE_ERRORS) or (isinstance(err, OSError) and err.filename is not None and err.errno):
         if err.filename is not None:
             what = (err.strerror or type(err).__name__).lower()
             if isinstance(err, PermissionError):
                 what += ("; make it writable or choose another location (data cache: --cache-dir DIR or "
                          "$SQS_CACHE_DIR; a run: --run-dir DIR)")
-            return one_line(f"{err.filename}: {what}")
+            elif err.errno in _OS_FIXES:
+                what += f"; {_OS_FIXES[err.errno]}"
+            return one_line(f"{os.fsdecode(err.filename)}: {what}")
         return one_line(str(err))
     return None
 
@@ -106,8 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) or a usage error, already printed as one line (2)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     debug = args.debug or os.environ.get("SQS_DEBUG", "").strip() not in ("", "0")
+    from sqs.training.signals import Terminated, graceful_sigterm
+
     try:
-        out = args.func(args)
+        with graceful_sigterm():  # SIGTERM (SLURM, Kubernetes, `kill`) stops like Ctrl-C
+            out = args.func(args)
+    except Terminated:
+        print("\nsqs: stopped by SIGTERM: finished runs and checkpoints are kept (a save in progress was completed "
+              "or removed); re-run the same command to resume", file=sys.stderr)
+        return Terminated.exit_status
     except KeyboardInterrupt:
         print("\ninterrupted: finished runs and checkpoints are kept; re-run the same command to resume",
               file=sys.stderr)

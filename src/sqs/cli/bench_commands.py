@@ -20,14 +20,11 @@ def _dtype(name: str):
 
 
 def _device(name: str) -> str:
-    """`--device`: cpu, or cuda / cuda:N when torch sees that GPU (refused in one line otherwise)."""
-    import torch
+    """`--device`: a device that exists here (`sqs.core.resolve_device`: one line listing the
+    available ones otherwise), as the name the benchmarks take."""
+    from sqs.core import resolve_device
 
-    from sqs.io import UserError
-
-    if name != "cpu" and not (name.startswith("cuda") and torch.cuda.is_available()):
-        raise UserError(f"sqs bench: --device {name}: torch sees no CUDA device here; use --device cpu")
-    return name
+    return str(resolve_device(name))
 
 
 def _ops(args) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqs.cli.args import add_set, nonneg_int, positive_int
+from sqs.cli.args import add_set, folder, nonneg_int, positive_int
 
 
 def _demo(args) -> int:
@@ -20,7 +20,7 @@ def register(sub, groups) -> None:
                                    "with the Bilinear and the SQS gate, decompose both into per-class eigenvectors "
                                    "and write a self-contained report (report.html, report.md with PNGs).")
     p.add_argument("--out", default="report", help="report folder (default: report/)")
-    p.add_argument("--runs-dir", default="runs/demo",
+    p.add_argument("--runs-dir", type=folder, default="runs/demo",
                    help="runs folder: the two runs go to RUNS_DIR/sec41/<dataset>/<gate>[-<params>]-s<seed> (resumable)")
     p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"])
     p.add_argument("--epochs", type=positive_int, default=20, help="epochs per model (paper: 20)")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from sqs.cli.args import RUNS_HELP, add_gate, add_set, nonneg_int, positive_float, positive_int
+from sqs.cli.args import (RUNS_HELP, add_gate, add_grid_launch, add_set, folder, grid_launch, grid_threads,
+                          nonneg_int, positive_float, positive_int)
 from sqs.cli.train_commands import add_image_common, add_lm_common, lm_length
 
 
@@ -21,12 +22,20 @@ def _report_grid(name: str, summary: dict) -> None:
 
 
 def _exit_status(summary: dict | None) -> int:
-    """1 (and the runs named) when a grid had failed runs, else 0."""
-    if summary and summary["failed"]:
-        print("failed runs: " + ", ".join(f["run"] for f in summary["failed"]) + " (re-run the command to retry)",
-              file=sys.stderr)
-        return 1
-    return 0
+    """1 when a grid had failed runs, else 0. A run stopped by an error a person fixes (held by
+    another live process, not a run's folder, a full disk) is named with its one-line message,
+    whose fix is not "retry"; the others (bugs) are named after their tracebacks."""
+    if not (summary and summary["failed"]):
+        return 0
+    bugs = []
+    for f in summary["failed"]:
+        if "\n" in str(f["error"]):
+            bugs.append(f["run"])
+        else:
+            print(f"sqs: error: run {f['run']}: {f['error']}", file=sys.stderr)
+    if bugs:
+        print("failed runs: " + ", ".join(bugs) + " (tracebacks above; re-run the command to retry)", file=sys.stderr)
+    return 1
 
 
 def _table1(args) -> int:
@@ -36,19 +45,29 @@ def _table1(args) -> int:
 
     summary = None
     if not args.report_only:
+        launch = grid_launch(args)
         specs = plan_grid(args.runs_dir, datasets=args.datasets, gates=args.gates, seeds=args.seeds,
                           epochs=args.epochs, config=args.config, overrides=args.overrides)
         workers = args.workers or default_workers()
-        threads = args.threads or 1
+        threads = grid_threads(args, launch)
         grid = grid_dir(args.runs_dir, args.config)
-        print(f"table1: {len(specs)} runs in {grid} ({workers} worker(s) x {threads} thread(s))", file=sys.stderr)
+        print(f"table1: {len(specs)} runs in {grid} ({_where(launch, workers, threads)})", file=sys.stderr)
         summary = run_table1(specs, args.runs_dir, workers=workers, threads=threads, cache_dir=args.cache_dir,
-                             progress=not args.no_progress, run_bars=not args.no_run_bars, log_dir=grid)
+                             progress=not args.no_progress, run_bars=not args.no_run_bars, log_dir=grid, **launch)
         _report_grid("table1", summary)
     paths = write_report(args.runs_dir, args.out, config=args.config)
     for p in paths.values():
         print(p)
     return _exit_status(summary)
+
+
+def _where(launch: dict, workers: int, threads: int) -> str:
+    """How a grid's runs execute, for its first line."""
+    if launch["launcher"] == "ray":
+        o = launch["launcher_options"]
+        return (f"Ray tasks of {o['cpus_per_run']:g} CPU(s), {o['gpus_per_run']:g} GPU(s), {threads} thread(s) each, "
+                f"on {o['address'] or 'the cluster at $RAY_ADDRESS or a local Ray'}")
+    return f"{workers} worker(s) x {threads} thread(s)"
 
 
 def _spectra(args) -> int:
@@ -64,14 +83,15 @@ def _tinystories(args) -> int:
     from sqs.experiments.lm_table import run_experiment
     from sqs.training.distributed import finish_distributed, init_distributed, is_rank0
 
-    started = False if args.report_only else init_distributed(args.device)
+    launch = grid_launch(args)
+    started = False if (args.report_only or launch["launcher"]) else init_distributed(args.device)
     try:
         overrides = list(args.overrides) + [f"train.{k}={v}" for k, v in lm_length(args).items()]
         table = run_experiment(args.config, out=args.out, runs_dir=args.runs_dir, gates=args.gates,
                                extra_seeds=args.extra_seeds, overrides=overrides, report_only=args.report_only,
                                cache_dir=args.cache_dir, device=args.device, progress=not args.no_progress,
                                samples=not args.no_samples, max_new_tokens=args.max_new_tokens,
-                               throughput_reps=args.throughput_reps)
+                               throughput_reps=args.throughput_reps, **launch)
     finally:
         finish_distributed(started)
     if is_rank0() and table:
@@ -92,13 +112,15 @@ def _frontier(args) -> int:
         grid.datasets = list(args.datasets)
     summary = None
     if not args.report_only:
+        launch = grid_launch(args)
         specs = plan_frontier(args.runs_dir, grid, epochs=args.epochs, overrides=args.overrides)
         workers = args.workers or default_workers()
-        print(f"frontier: {len(specs)} runs under {args.runs_dir} ({workers} worker(s) x {args.threads or 1} "
-              f"thread(s)){'; log: ' + args.log if args.log else ''}", file=sys.stderr)
-        summary = run_frontier(specs, workers=workers, threads=args.threads or 1, cache_dir=args.cache_dir,
+        threads = grid_threads(args, launch)
+        print(f"frontier: {len(specs)} runs under {args.runs_dir} ({_where(launch, workers, threads)})"
+              f"{'; log: ' + args.log if args.log else ''}", file=sys.stderr)
+        summary = run_frontier(specs, workers=workers, threads=threads, cache_dir=args.cache_dir,
                                log=args.log, progress=not args.no_progress,
-                               run_bars=not (args.no_run_bars or args.no_progress), runs_root=args.runs_dir)
+                               run_bars=not (args.no_run_bars or args.no_progress), runs_root=args.runs_dir, **launch)
         _report_grid("frontier", summary)
     if not args.train_only:
         from sqs.experiments.frontier_report import write_report
@@ -119,12 +141,14 @@ def _gates(args) -> int:
     summary = None
     workers = args.workers or default_workers()
     if not args.report_only:
+        launch = grid_launch(args)
         specs = plan(args.runs_dir, grid, epochs=args.epochs, overrides=args.overrides, lm_overrides=args.lm_set)
-        print(f"gates: {len(specs)} runs under {args.runs_dir} ({workers} worker(s) x {args.threads or 1} "
-              f"thread(s)){'; log: ' + args.log if args.log else ''}", file=sys.stderr)
-        summaries = run_gates(specs, workers=workers, threads=args.threads or 1, cache_dir=args.cache_dir,
+        threads = grid_threads(args, launch)
+        print(f"gates: {len(specs)} runs under {args.runs_dir} ({_where(launch, workers, threads)})"
+              f"{'; log: ' + args.log if args.log else ''}", file=sys.stderr)
+        summaries = run_gates(specs, workers=workers, threads=threads, cache_dir=args.cache_dir,
                               log=args.log, progress=not args.no_progress,
-                              run_bars=not (args.no_run_bars or args.no_progress), runs_root=args.runs_dir)
+                              run_bars=not (args.no_run_bars or args.no_progress), runs_root=args.runs_dir, **launch)
         for name, s in summaries.items():
             _report_grid(f"gates ({name})", s)
         summary = {"failed": [f for s in summaries.values() for f in s["failed"]]}
@@ -164,7 +188,7 @@ def register(sub, groups) -> None:
                     "(--set model.gate_kwargs.lam=0.1) go to the SQS runs, filed as sqs-lam0.1-s<seed>.")
     add_image_common(p)
     p.add_argument("--out", default="results/image", help="report folder (default: %(default)s)")
-    p.add_argument("--runs-dir", default="runs", help=RUNS_HELP)
+    p.add_argument("--runs-dir", type=folder, default="runs", help=RUNS_HELP)
     p.add_argument("--seeds", type=positive_int, default=5, help="seeds 0..N-1 (default: %(default)s)")
     add_gate(p, "--gates", nargs="+", default=list(GATES), help=f"gates (default: {' '.join(GATES)})")
     p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS), metavar="DATASET",
@@ -174,13 +198,14 @@ def register(sub, groups) -> None:
     p.add_argument("--report-only", action="store_true", help="only (re)write the report from the run directories")
     p.add_argument("--no-run-bars", action="store_true",
                    help="only the overall progress bar (no per-run bars; useful when logging to a file)")
+    add_grid_launch(p)
     p.set_defaults(func=_table1)
 
     p = groups["experiment"].add_parser(
         "spectra", help="Sec. 4.1: train Bilinear + SQS 1-layer models, compare their eigenvectors",
         description="Train (skipping finished runs) 1-layer Bilinear and SQS models per seed and dataset (config "
                     "sec41), decompose them and write summary.md, summary.json and figures.")
-    p.add_argument("--runs-dir", default="runs", help=RUNS_HELP)
+    p.add_argument("--runs-dir", type=folder, default="runs", help=RUNS_HELP)
     p.add_argument("--out", default="results/spectra")
     p.add_argument("--seeds", type=positive_int, default=5)
     p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
@@ -204,7 +229,7 @@ def register(sub, groups) -> None:
     f.add_argument("--epochs", type=positive_float, default=None, help="override every run's epochs (default: the configs')")
     f.add_argument("--datasets", nargs="+", choices=DATASETS, default=None, metavar="DATASET",
                    help="restrict to these datasets (default: the grid's)")
-    f.add_argument("--runs-dir", default="runs", help=RUNS_HELP)
+    f.add_argument("--runs-dir", type=folder, default="runs", help=RUNS_HELP)
     f.add_argument("--out", default="results/frontier", help="report folder (default: %(default)s)")
     f.add_argument("--log", default=None, help="progress log: one line per finished run, with rate and ETA")
     f.add_argument("--workers", type=positive_int, default=None,
@@ -215,6 +240,7 @@ def register(sub, groups) -> None:
     f.add_argument("--train-only", action="store_true", help="train; write no report")
     f.add_argument("--no-progress", action="store_true", help="no progress bars")
     f.add_argument("--no-run-bars", action="store_true", help="only the overall progress bar")
+    add_grid_launch(f)
     f.set_defaults(func=_frontier)
 
     g = groups["experiment"].add_parser(
@@ -233,7 +259,7 @@ def register(sub, groups) -> None:
                    help="override every LM run's config, dotted keys (e.g. --lm-set train.steps=50)")
     g.add_argument("--epochs", type=positive_float, default=None,
                    help="override every image run's epochs (default: the configs')")
-    g.add_argument("--runs-dir", default="runs", help=RUNS_HELP)
+    g.add_argument("--runs-dir", type=folder, default="runs", help=RUNS_HELP)
     g.add_argument("--out", default="results/gates", help="report folder (default: %(default)s)")
     g.add_argument("--log", default=None, help="progress log: one line per finished run, with rate and ETA")
     g.add_argument("--workers", type=positive_int, default=None,
@@ -244,6 +270,7 @@ def register(sub, groups) -> None:
     g.add_argument("--train-only", action="store_true", help="train; write no report")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--no-run-bars", action="store_true", help="only the overall progress bar")
+    add_grid_launch(g)
     g.set_defaults(func=_gates)
 
     e = groups["experiment"].add_parser(
@@ -252,7 +279,7 @@ def register(sub, groups) -> None:
                     "finished runs, then write results/lm/table.md, table.json, curves.png and samples.md.")
     add_lm_common(e)
     e.add_argument("--out", default="results/lm", help="report folder (default results/lm)")
-    e.add_argument("--runs-dir", default="runs", help=RUNS_HELP)
+    e.add_argument("--runs-dir", type=folder, default="runs", help=RUNS_HELP)
     add_gate(e, "--gates", nargs="+", default=list(GATES), help=f"gates to train (default all: {' '.join(GATES)})")
     e.add_argument("--extra-seeds", nargs="*", type=nonneg_int, default=[1],
                    help="extra seeds for SQS and SwiGLU, to show the seed noise (default: 1; none: --extra-seeds)")
@@ -262,6 +289,7 @@ def register(sub, groups) -> None:
     e.add_argument("--throughput-reps", type=nonneg_int, default=30,
                    help="after training, time every gate's training step interleaved this many rounds "
                         "(results/lm/throughput.json; 0 skips it)")
+    add_grid_launch(e)
     e.set_defaults(func=_tinystories)
 
     from sqs.experiments.lm_spectra import DEFAULT_TOKENS, DEFAULT_WINDOWS
@@ -274,7 +302,7 @@ def register(sub, groups) -> None:
                     "(unless --no-train); writes summary.md, summary.json and figures to --out.")
     add_lm_common(e)
     e.add_argument("--out", default="results/lm_spectra", help="report folder (default: %(default)s)")
-    e.add_argument("--runs-dir", default="runs", help=RUNS_HELP)
+    e.add_argument("--runs-dir", type=folder, default="runs", help=RUNS_HELP)
     e.add_argument("--no-train", action="store_true",
                    help="train nothing: analyse the finished runs, report unfinished ones as missing")
     e.add_argument("--directions", nargs="+", default=list(DEFAULT_TOKENS), metavar="TOKEN",

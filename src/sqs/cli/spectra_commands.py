@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 
-from sqs.cli.args import nonneg_int, positive_int
+from sqs.cli.args import folder, nonneg_int, positive_int
 from sqs.io import UserError
 
 
@@ -58,7 +58,7 @@ def register(sub, groups) -> None:
                      description="Eigendecompose a 1-layer Bilinear (exact) or SQS (first-order reading) image "
                                  "classifier; write spectrum/eigenvector figures, spectra.json (with fidelity on the "
                                  "test set) and spectra.safetensors.")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", type=folder)
     p.add_argument("--out", help="output folder (default RUN_DIR/spectra)")
     p.add_argument("--force", action="store_true",
                    help="decompose relu/gelu/swiglu gates anyway (not a faithful reading)")
@@ -74,8 +74,8 @@ def register(sub, groups) -> None:
                                  "images and scored on the test images, and compare them through each one's most "
                                  "faithful reading, named: per rank and best one-to-one match on the positive and "
                                  "negative sides, subspace overlap, form cosine (A is the first run given).")
-    p.add_argument("run_dir_a")
-    p.add_argument("run_dir_b")
+    p.add_argument("run_dir_a", type=folder)
+    p.add_argument("run_dir_b", type=folder)
     p.add_argument("--out", help="output folder (default results/spectra/compare)")
     p.add_argument("--fit", action="store_true", help="also the least-squares fit reading (minutes per layer)")
     p.add_argument("--k", type=positive_int, default=10, help="ranks per side compared (default: %(default)s)")
@@ -84,7 +84,7 @@ def register(sub, groups) -> None:
     p.set_defaults(func=_clean_errors(_compare))
 
     p = g.add_parser("explain", help="explain one test input by eigenvector contributions λ(q·x)²")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", type=folder)
     p.add_argument("--index", type=nonneg_int, required=True, help="index into the test split")
     p.add_argument("--top", type=positive_int, default=4)
     p.add_argument("--out", help="output folder (default RUN_DIR/spectra)")
@@ -98,7 +98,7 @@ def register(sub, groups) -> None:
                                  "signed spectrum of B_u (first-order reading), the tokens at both ends of its top "
                                  "eigenvectors per side and, for layer 0, the validation contexts that excite them "
                                  "most; writes a figure and JSON to --out.")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", type=folder)
     p.add_argument("--layer", type=nonneg_int, required=True, help="GLU layer, 0-based")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--token", help="one token of the run's tokenizer, e.g. ' happy' (mind the leading space)")

@@ -7,7 +7,8 @@ import json
 import time
 from pathlib import Path
 
-from sqs.cli.args import RUNS_HELP, add_allow_change, add_gate, add_set, nonneg_int, positive_float, positive_int
+from sqs.cli.args import (RUNS_HELP, add_allow_change, add_gate, add_logger, add_set, folder, nonneg_int,
+                          positive_float, positive_int)
 
 
 def image_config(args, gate: str | None = None, dataset: str | None = None, seed: int | None = None):
@@ -39,6 +40,7 @@ def _train_image(args) -> int:
     import torch
 
     from sqs.runs.image_pipeline import run_image
+    from sqs.training.loggers import check_loggers
     from sqs.training.rundir import allow_changes
 
     cfg = image_config(args, gate=args.gate, dataset=args.dataset, seed=args.seed)
@@ -46,11 +48,13 @@ def _train_image(args) -> int:
         print(cfg.to_toml(), end="")
         return 0
     run_dir = Path(args.run_dir) if args.run_dir else cfg.run_dir(args.runs_dir)
+    check_loggers(args.logger)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     with allow_changes(*args.allow_change):
-        recs = run_image(cfg, run_dir, progress=not args.no_progress, data_dir=args.data_dir, cache_dir=args.cache_dir)
+        recs = run_image(cfg, run_dir, progress=not args.no_progress, data_dir=args.data_dir, cache_dir=args.cache_dir,
+                         loggers=args.logger)
     final = recs[-1] if recs else {}
     if final.get("final"):
         print(f"{cfg.label()}: step {final['step']}, test loss {final['test_loss']:.4f}, "
@@ -97,6 +101,7 @@ def _train_lm(args) -> int:
     from sqs.runs.lm_config import load_config
     from sqs.runs.lm_pipeline import run_lm
     from sqs.training.distributed import finish_distributed, init_distributed, is_rank0
+    from sqs.training.loggers import check_loggers
     from sqs.training.rundir import allow_changes
 
     cfg = config_errors(load_config, args.config, args.overrides, gate=args.gate, seed=args.seed, **lm_length(args))
@@ -104,10 +109,12 @@ def _train_lm(args) -> int:
         print(cfg.to_toml(), end="")
         return 0
     run_dir = Path(args.run_dir) if args.run_dir else cfg.run_dir(args.runs_dir)
+    check_loggers(args.logger)
     started = init_distributed(args.device)
     try:  # errors (a NaN: status 1; a user error: status 2) are reported by sqs.cli.main
         with allow_changes(*args.allow_change):
-            records = run_lm(cfg, run_dir, cache_dir=args.cache_dir, device=args.device, progress=not args.no_progress)
+            records = run_lm(cfg, run_dir, cache_dir=args.cache_dir, device=args.device, progress=not args.no_progress,
+                             loggers=args.logger)
     finally:
         finish_distributed(started)
     if is_rank0() and records:
@@ -133,10 +140,11 @@ def register(sub, groups) -> None:
     p.add_argument("--seed", type=nonneg_int, default=None, help="default: the config's (0)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="override the config's batch size")
     add_allow_change(p)
-    p.add_argument("--run-dir", help="the run directory (default: the config's, under --runs-dir)")
-    p.add_argument("--runs-dir", default="runs", help=RUNS_HELP)
+    p.add_argument("--run-dir", type=folder, help="the run directory (default: the config's, under --runs-dir)")
+    p.add_argument("--runs-dir", type=folder, default="runs", help=RUNS_HELP)
     p.add_argument("--data-dir", help="a folder with the dataset's four IDX files (raw or .gz) instead of the cache")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    add_logger(p)
     p.set_defaults(func=_train_image)
 
     p = groups["train"].add_parser(
@@ -148,8 +156,9 @@ def register(sub, groups) -> None:
     add_gate(p, "--gate", default=None, help="GLU gate (default: the config's, sqs)")
     p.add_argument("--seed", type=nonneg_int, default=None, help="seed (default: the config's, 0)")
     add_allow_change(p)
-    p.add_argument("--run-dir", help="run directory (default: the config's, RUNS_DIR/<config>/tinystories/"
+    p.add_argument("--run-dir", type=folder, help="run directory (default: the config's, RUNS_DIR/<config>/tinystories/"
                                      "<gate>[-<params>]-s<seed>); re-running the same command resumes it")
-    p.add_argument("--runs-dir", default="runs", help=RUNS_HELP)
+    p.add_argument("--runs-dir", type=folder, default="runs", help=RUNS_HELP)
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    add_logger(p)
     p.set_defaults(func=_train_lm)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from sqs.io import UserError
+from sqs.io import UserError, os_cause  # os_cause: re-exported, shared with the run directories
 
 
 class CacheError(UserError, OSError):
@@ -29,16 +28,6 @@ def cache_dir(override: str | os.PathLike | None = None, *, fix: str = CACHE_HIN
     except OSError as e:
         raise CacheError(f"cache folder {root} cannot be created ({os_cause(e)}); {fix}") from e
     return root
-
-
-def os_cause(e: BaseException) -> str:
-    """What went wrong, in words: strerror (read-only file system, no space left on device,
-    permission denied, not a directory, ...)."""
-    if isinstance(e, UnicodeError):
-        return "the path cannot be encoded on this file system"
-    err = getattr(e, "errno", None)
-    what = getattr(e, "strerror", None) or (errno.errorcode.get(err, "") if err else "") or str(e) or type(e).__name__
-    return what[:1].lower() + what[1:]
 
 
 @contextlib.contextmanager

@@ -229,15 +229,17 @@ def plan_frontier(runs_dir: str | Path, grid: Grid | None = None, epochs: float 
 
 def run_frontier(specs: Sequence[FrontierSpec], workers: int | None = None, threads: int = 1, cache_dir=None,
                  log: str | Path | None = None, progress: bool = True, run_bars: bool = True,
-                 runs_root: str | Path | None = None) -> dict:
+                 runs_root: str | Path | None = None, launcher: str | None = None,
+                 launcher_options: dict | None = None, loggers: Iterable[str] = ()) -> dict:
     """Train the unfinished runs of `specs` with the pool (finished ones skipped, interrupted ones
     resumed); one line per finished run in `log`, the summary in `log` with suffix .jsonl.
-    Returns the pool's summary."""
+    `launcher`, `launcher_options` and `loggers` as `run_grid` takes them. Returns the pool's summary."""
     workers = workers or default_workers()
     skipped = sum(is_complete(s.run_dir) for s in specs)
     plog = ProgressLog(log, len(specs), skipped, workers)
     summary = run_grid(specs, workers=workers, threads=threads, cache_dir=cache_dir, progress=progress,
-                       run_bars=run_bars, runs_root=runs_root, desc="frontier runs", on_finish=plog)
+                       run_bars=run_bars, runs_root=runs_root, desc="frontier runs", on_finish=plog,
+                       launcher=launcher, launcher_options=launcher_options, loggers=loggers)
     plog.write(f"end: trained {summary['n_trained']}, skipped {summary['n_skipped']}, "
                f"{len(summary['failed'])} failed, wall {hms(summary['wall_s'])}")
     if log:

@@ -148,22 +148,28 @@ def partner(spec: GateRun, specs: Sequence[GateRun], gate: str = "bilinear", see
 
 def run_gates(specs: Sequence[GateRun], workers: int | None = None, threads: int = 1, cache_dir=None,
               log: str | Path | None = None, progress: bool = True, run_bars: bool = True,
-              runs_root: str | Path | None = None) -> dict:
+              runs_root: str | Path | None = None, launcher: str | None = None,
+              launcher_options: dict | None = None, loggers: Iterable[str] = ()) -> dict:
     """Train the unfinished runs of `specs` with the pool (image runs first, then the LM runs);
     finished runs are skipped, interrupted ones resumed. One line per finished run in `log` (rate,
-    ETA). Returns {"image": summary, "lm": summary} (the pool's summaries; "failed" lists failures)."""
+    ETA). `launcher`, `launcher_options` and `loggers` as `run_grid` takes them (the LM runs use the
+    GPU only where the launcher reserves one per run, `gpus_per_run`). Returns {"image": summary,
+    "lm": summary} (the pool's summaries; "failed" lists failures)."""
     workers = workers or default_workers()
     images = [s for s in specs if not s.is_lm]
     lms = [s for s in specs if s.is_lm]
     plog = ProgressLog(log, len(specs), sum(is_complete(s.run_dir) for s in specs), workers)
+    where = {"launcher": launcher, "launcher_options": launcher_options}
     out = {}
     if images:
         out["image"] = run_grid(images, workers=workers, threads=threads, cache_dir=cache_dir, progress=progress,
-                                run_bars=run_bars, runs_root=runs_root, desc="gates: image runs", on_finish=plog)
+                                run_bars=run_bars, runs_root=runs_root, desc="gates: image runs", on_finish=plog,
+                                loggers=loggers, **where)
     if lms:
-        out["lm"] = launch(lms, functools.partial(train_lm_spec, cache_dir=cache_dir), workers=workers,
-                           threads=threads, progress=progress, run_bars=run_bars, desc="gates: LM runs",
-                           on_finish=plog)
+        device = "auto" if (launcher_options or {}).get("gpus_per_run") else "cpu"
+        run_one = functools.partial(train_lm_spec, cache_dir=cache_dir, device=device, loggers=tuple(loggers))
+        out["lm"] = launch(lms, run_one, workers=workers, threads=threads, progress=progress, run_bars=run_bars,
+                           desc="gates: LM runs", on_finish=plog, **where)
     failed = sum(len(s["failed"]) for s in out.values())
     trained = sum(s["n_trained"] for s in out.values())
     wall = sum(s["wall_s"] for s in out.values())

@@ -51,8 +51,11 @@ def grid_dir(runs_dir: str | Path, config: str = "sec42") -> Path:
 
 
 def run_table1(specs: Sequence[RunSpec], runs_dir: str | Path, workers: int = 2, threads: int = 1, cache_dir=None,
-               progress: bool = True, run_bars: bool = True, log_dir: str | Path | None = None) -> dict:
-    """Train the unfinished runs of the grid with the pool; one summary line in `log_dir`/grid_log.jsonl."""
+               progress: bool = True, run_bars: bool = True, log_dir: str | Path | None = None,
+               launcher: str | None = None, launcher_options: dict | None = None, loggers: Iterable[str] = ()) -> dict:
+    """Train the unfinished runs of the grid with the pool; one summary line in `log_dir`/grid_log.jsonl.
+    `launcher` (e.g. "ray") with its `launcher_options`, and `loggers`, as `run_grid` takes them."""
     return run_grid(specs, workers=workers, threads=threads, cache_dir=cache_dir, progress=progress,
                     run_bars=run_bars, runs_root=runs_dir, desc="table1 runs",
-                    log=Path(log_dir) / GRID_LOG if log_dir is not None else None)
+                    log=Path(log_dir) / GRID_LOG if log_dir is not None else None,
+                    launcher=launcher, launcher_options=launcher_options, loggers=loggers)

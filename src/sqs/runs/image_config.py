@@ -103,6 +103,16 @@ class ImageRunConfig:
         for k in ("betas", "fractions"):
             if k in self.train:
                 self.train[k] = list(self.train[k])
+        try:  # every `train` value checked now, by the trainer's own rules, named as the key the user wrote
+            TrainConfig(steps=1, **self.train)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("TrainConfig: `", "ImageRunConfig: `train.", 1)) from None
+        except TypeError as e:
+            raise ConfigError(f"ImageRunConfig: a value in `train` has the wrong type ({e})") from None
+        for name in ("d_model", "d_hidden", "d_in", "n_classes"):
+            val = getattr(self.model, name)
+            if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
+                raise ConfigError(f"ImageRunConfig: `model.{name}` must be a positive int, got {val!r}")
         grad_accum = int(self.train.get("grad_accum", 1))
         if self.batch_size % grad_accum:
             raise ConfigError(f"ImageRunConfig: `batch_size` {self.batch_size} is not divisible by "
@@ -122,7 +132,9 @@ class ImageRunConfig:
     def steps_per_epoch(self, n_train: int) -> int:
         spe = n_train // self.batch_size
         if spe < 1:
-            raise ValueError(f"batch_size {self.batch_size} is larger than the training set ({n_train} examples)")
+            raise ConfigError(f"ImageRunConfig: `batch_size` {self.batch_size} is larger than the training set "
+                              f"({n_train} examples); choose at most {n_train} with --batch-size N "
+                              "(or --set batch_size=N)")
         return spe
 
     def steps(self, n_train: int) -> int:

@@ -59,8 +59,9 @@ from sqs.training.rundir import (
     TIMING,
     RunConfigMismatch,
     canonical_config,
+    check_claimable,
+    claimed,
     has_started,
-    locked,
     update_run_json,
 )
 from sqs.training.trainer import step_generator, train
@@ -176,14 +177,16 @@ def build_model(cfg: ImageRunConfig | ImageModelConfig, seed: int | None = None)
 
 def run_image(cfg: ImageRunConfig, run_dir: str | Path, progress: bool = True, *, data_dir=None, cache_dir=None,
               data=None, stop_after: int | None = None, desc: str | None = None,
-              position: int | None = None) -> list[dict]:
+              position: int | None = None, loggers: Iterable[str] = ()) -> list[dict]:
     """Train (or resume, or do nothing if finished) one image run; returns its metric records.
 
     `run_dir` is normally `cfg.run_dir(root)`. `data` = (x_train, y_train, x_test, y_test) skips
     loading (tests, probes); otherwise the dataset comes from `data_dir` (a folder of IDX files)
-    or the cache. `position` places the per-run progress bar (for parallel runs).
+    or the cache. `position` places the per-run progress bar (for parallel runs). `loggers`: where
+    the curves also go besides metrics.jsonl (`sqs.training.loggers`: tensorboard, wandb).
     """
     t0 = time.perf_counter()
+    run_dir = check_claimable(run_dir)  # a folder that is not ours is refused before the data are loaded
     x_tr, y_tr, x_te, y_te = data if data is not None else load_data(cfg.dataset, data_dir, cache_dir)
     tc = cfg.train_config(x_tr.shape[0])
     noise_std = cfg.noise_std * (float(x_tr.std()) if cfg.noise_relative else 1.0)
@@ -192,9 +195,9 @@ def run_image(cfg: ImageRunConfig, run_dir: str | Path, progress: bool = True, *
                      grad_accum=tc.grad_accum, eval_batch_size=cfg.eval_batch_size)
     model = build_model(cfg)
     kw = {"position": position} if position is not None else {}
-    with locked(run_dir):  # the trainer takes the same (re-entrant) lock; timing.json is written under it too
+    with claimed(run_dir):  # the trainer claims it again (re-entrant); timing.json is written under the same hold
         records = train(model, task, tc, run_dir, config=run_record(cfg, x_tr.shape[0], x_te.shape[0]),
-                        progress=progress, desc=desc or cfg.label(), stop_after=stop_after, **kw)
+                        progress=progress, desc=desc or cfg.label(), stop_after=stop_after, loggers=loggers, **kw)
         add_timing(run_dir, time.perf_counter() - t0)
     return records
 
@@ -295,23 +298,29 @@ def prefetch(datasets: Iterable[str], cache_dir=None, progress: bool = True) -> 
             images.fetch(ds, cache_dir=cache_dir, progress=progress)
 
 
-def train_spec(spec: RunSpec, *, position: int, progress: bool, cache_dir=None) -> dict:
+def train_spec(spec: RunSpec, *, position: int, progress: bool, cache_dir=None, loggers: Iterable[str] = ()) -> dict:
     """Train one run of a grid (the pool's `run_one`: a top-level function, so any launcher can
     ship it to another process); returns its final test loss and accuracy."""
     recs = run_image(spec.cfg, spec.run_dir, progress=progress, cache_dir=cache_dir, desc=spec.name,
-                     position=position)
+                     position=position, loggers=loggers)
     final = recs[-1] if recs else {}
     return {"test_loss": final.get("test_loss"), "test_acc": final.get("test_acc")}
 
 
 def run_grid(specs: Sequence[RunSpec], workers: int = 2, threads: int = 1, cache_dir=None, progress: bool = True,
              run_bars: bool = True, runs_root: str | Path | None = None, desc: str = "image runs",
-             on_finish: Callable[[str, bool, Any], None] | None = None, log: str | Path | None = None) -> dict:
+             on_finish: Callable[[str, bool, Any], None] | None = None, log: str | Path | None = None,
+             launcher: str | None = None, launcher_options: dict | None = None,
+             loggers: Iterable[str] = ()) -> dict:
     """Train every unfinished image run of `specs` with the pool (`sqs.runs.pool.launch`):
     refuse mixed configs and old layouts first (`check_existing`), fetch missing datasets once,
     then skip finished runs and resume interrupted ones. Returns the pool's summary (also
-    appended to the JSONL file `log` when something was trained)."""
+    appended to the JSONL file `log` when something was trained). `launcher` and
+    `launcher_options` choose where the runs execute (`sqs.runs.pool.LAUNCHERS`, e.g. "ray" with
+    {"cpus_per_run": 1}); `loggers` where their curves go besides metrics.jsonl."""
     check_existing(specs, runs_root)
-    return launch(specs, functools.partial(train_spec, cache_dir=cache_dir), workers=workers, threads=threads,
+    run_one = functools.partial(train_spec, cache_dir=cache_dir, loggers=tuple(loggers))
+    return launch(specs, run_one, workers=workers, threads=threads,
                   progress=progress, run_bars=run_bars, desc=desc, on_finish=on_finish, log=log,
-                  prepare=lambda todo: prefetch((s.cfg.dataset for s in todo), cache_dir, progress))
+                  prepare=lambda todo: prefetch((s.cfg.dataset for s in todo), cache_dir, progress),
+                  launcher=launcher, launcher_options=launcher_options)

@@ -124,6 +124,10 @@ class LMRunConfig:
         need(number(self.grad_clip) and self.grad_clip >= 0, "grad_clip", "a finite number >= 0 (0 = off)")
         need(number(self.warmup_frac) and 0 <= self.warmup_frac < 1, "warmup_frac", "a number in [0, 1)")
         need(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "warmup_steps", "an int >= 0")
+        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "two numbers in [0, 1)")
+        for name, rule in (("checkpoint_every", "an int >= 0 (0 = at every evaluation)"),
+                           ("eval_every", "an int >= 0 (0 = from eval_points)")):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, rule)
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"LMRunConfig: `batch_size` ({self.batch_size}) must be divisible by "
                               f"`grad_accum` ({self.grad_accum})")

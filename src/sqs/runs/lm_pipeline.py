@@ -5,7 +5,9 @@ directory); the experiment over all gates is `sqs.experiments.lm_table`.
 
 One run = one gate and one seed, trained by `sqs.training.trainer.train` into a run
 directory (config.json, metrics.jsonl, checkpoint/model safetensors, plus the
-tokenizer.json the run was trained with, so a run directory is self-contained).
+tokenizer.json the run was trained with and its sha256, so a run directory is self-contained).
+The tokenizer copy is checked like the weights: on every start (a damaged copy is copied again
+from the cache when the cache holds the same tokenizer, or named in one line) and on every load.
 
 Batches. A step's global batch is `batch_size` windows of `context + 1` tokens at
 random offsets of the uint16 training token file, drawn from
@@ -33,18 +35,19 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from sqs.data.tinystories import bits_per_byte
+from sqs.core import resolve_device
+from sqs.data.tinystories import bits_per_byte, ensure_tokenizer_copy, verify_tokenizer_file
 from sqs.io import ConfigError
 from sqs.models.gpt import GPT, GPTConfig
 from sqs.runs.lm_config import DATASET, LMRunConfig
 from sqs.training.checkpoint import load_checkpoint
-from sqs.training.distributed import rank_world, resolve_device
+from sqs.training.distributed import rank_world
 from sqs.training.rundir import (
     CHECKPOINT,
     CONFIG,
@@ -52,9 +55,10 @@ from sqs.training.rundir import (
     TOKENIZER,
     NotARunDir,
     RunDirError,
-    locked,
+    check_claimable,
+    claimed,
     prepare_run_dir,
-    write_run_file,
+    run_file,
 )
 from sqs.training.trainer import TrainConfig, step_generator, train
 
@@ -174,20 +178,24 @@ def train_config(cfg: LMRunConfig, p: dict) -> TrainConfig:
 
 
 def run_lm(cfg: LMRunConfig, run_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-           device: str | None = "auto", progress: bool = True, stop_after: int | None = None) -> list[dict]:
+           device: str | None = "auto", progress: bool = True, stop_after: int | None = None,
+           loggers: Iterable[str] = ()) -> list[dict]:
     """Train (or resume) one TinyStories run into `run_dir`; returns its metric records.
 
     Works in one process or under torchrun (call `sqs.training.distributed.init_distributed`
     first; each rank takes its slice of every global batch; rank 0 evaluates and writes). Raises
     `TrainingDiverged` on a non-finite loss, keeping the last checkpoint.
-    `cache_dir` and `device` are not part of the run's identity (config.json).
+    `cache_dir` and `device` are not part of the run's identity (config.json); nor are `loggers`,
+    where the curves also go besides metrics.jsonl (`sqs.training.loggers`: tensorboard, wandb).
 
-    Everything is validated (config, schedule, model, the data against the context) before
-    anything is written to `run_dir`, so a refused start leaves nothing behind.
+    Everything is validated (the device, config, schedule, model, the data against the context)
+    before anything is written to `run_dir`, so a refused start leaves nothing behind. The run's
+    tokenizer.json is checked against its sha256 before training (and repaired from the cache, or
+    named in one line).
     """
     rank, world = rank_world()
-    run_dir = Path(run_dir)
-    dev = resolve_device(device)
+    dev = resolve_device(device)  # first: `--device banana` is one line before any data is read
+    run_dir = check_claimable(run_dir) if rank == 0 else Path(run_dir)  # so is a folder that is not ours
     train_tok, val_tok, tstats, vstats, tok = _data(cfg, cache_dir, progress and rank == 0)
     vocab = tok.get_vocab_size()
     if vocab > cfg.vocab_size:
@@ -217,13 +225,13 @@ def run_lm(cfg: LMRunConfig, run_dir: str | os.PathLike, cache_dir: str | os.Pat
         model.compile()
     if rank != 0:
         return train(model, task, tcfg, run_dir, config=config, progress=progress,
-                     desc=f"lm {cfg.gate} s{cfg.seed}", stop_after=stop_after)
-    with locked(run_dir):  # one hold over the start, the tokenizer and training (the trainer's lock is re-entrant)
+                     desc=f"lm {cfg.gate} s{cfg.seed}", stop_after=stop_after)  # rank 0 alone logs
+    with claimed(run_dir):  # one hold over the start, the tokenizer and training (the trainer's claim is re-entrant)
         prepare_run_dir(run_dir, config)  # refuses a directory made with another config
-        if not (run_dir / TOKENIZER).exists():
-            write_run_file(run_dir, TOKENIZER, lambda q: tok.save(str(q)))
+        # made, or checked against its sha256 and repaired from the cache, before any step is taken
+        ensure_tokenizer_copy(run_file(run_dir, TOKENIZER), cache_dir=cache_dir, vocab_size=cfg.vocab_size)
         return train(model, task, tcfg, run_dir, config=config, progress=progress,
-                     desc=f"lm {cfg.gate} s{cfg.seed}", stop_after=stop_after)
+                     desc=f"lm {cfg.gate} s{cfg.seed}", stop_after=stop_after, loggers=loggers)
 
 
 @dataclass
@@ -243,8 +251,11 @@ class LoadedLM:
 
 def load_lm(run_dir: str | os.PathLike, device: str | None = "cpu", allow_checkpoint: bool = True,
             cache_dir: str | os.PathLike | None = None) -> LoadedLM:
-    """The trained model (final weights, else the last checkpoint if allowed), its config and tokenizer."""
+    """The trained model (final weights, else the last checkpoint if allowed), its config and tokenizer
+    (the run's tokenizer.json, checked against its sha256; a damaged one is named in one line with
+    the command that repairs it)."""
     run_dir = Path(run_dir)
+    dev = resolve_device(device)
     cpath = run_dir / CONFIG
     if not cpath.exists():
         what = "does not exist" if not run_dir.exists() else "is not an LM run directory (no config.json)"
@@ -267,12 +278,12 @@ def load_lm(run_dir: str | os.PathLike, device: str | None = "cpu", allow_checkp
                              f"{' or checkpoint.safetensors' if allow_checkpoint else ''}); train it first "
                              f"(`sqs train lm --run-dir {run_dir} ...`)")
     meta = load_checkpoint(weights, model)
-    model.to(resolve_device(device)).eval()
+    model.to(dev).eval()
     tok_path = run_dir / TOKENIZER
     if tok_path.exists():
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(str(tok_path))
+        tok = verify_tokenizer_file(tok_path, fix=(
+            f"re-run the `sqs train lm` command that made the run (same --config and --set, --run-dir {run_dir}): "
+            "it copies the tokenizer again from the cache (Python: run_lm(cfg, run_dir))"))
     else:
         from sqs.data import tinystories
 
@@ -303,9 +314,12 @@ def generate_text(lm: LoadedLM, prompt: str, max_new_tokens: int = 200, temperat
     return prompt + lm.tokenizer.decode(new, skip_special_tokens=True)
 
 
-def train_lm_spec(spec, *, position: int = 0, progress: bool = True, cache_dir=None) -> dict:
-    """Train one LM run of a grid on the CPU (the pool's `run_one`: a top-level function any launcher can
-    ship to another process); returns its final validation loss and bits per byte."""
-    recs = run_lm(spec.cfg, spec.run_dir, cache_dir=cache_dir, device="cpu", progress=progress)
+def train_lm_spec(spec, *, position: int = 0, progress: bool = True, cache_dir=None, device: str | None = "cpu",
+                  loggers: Iterable[str] = ()) -> dict:
+    """Train one LM run of a grid (the pool's `run_one`: a top-level function any launcher, the
+    process pool or Ray, can ship to another process or node); returns its final validation numbers.
+    `device` defaults to the CPU, so parallel workers do not pile onto one GPU; a launcher that
+    reserves a GPU per run passes "auto"."""
+    recs = run_lm(spec.cfg, spec.run_dir, cache_dir=cache_dir, device=device, progress=progress, loggers=loggers)
     final = next((r for r in reversed(recs) if "val_loss" in r), {})
-    return {"val_loss": final.get("val_loss"), "val_bpb": final.get("val_bpb")}
+    return {k: final.get(k) for k in ("step", "val_loss", "val_ppl", "val_bpb")}

@@ -6,13 +6,21 @@
 A run is described by a small picklable `RunSpec` and trained by `run_one`, a top-level
 function (or a `functools.partial` of one) that returns the run's final numbers; so a
 launcher only has to carry (spec, run_one) to wherever the run executes. `LAUNCHERS`:
-`inline` (this process, one run after another) and `processes` (`workers` spawned processes
-pulling runs from a queue); another one (a Ray task per run, say) is one more function of the
-same signature that calls the same `run_one` and reports through the same `finished` callback.
+`inline` (this process, one run after another), `processes` (`workers` spawned processes
+pulling runs from a queue) and `ray` (a Ray task per run, on one machine or a cluster:
+`sqs.runs.ray_launcher`, options in `launcher_options`); each calls the same `run_one` and
+reports through the same `finished` callback.
 
 Finished runs are skipped (`is_complete` with the weights verified), interrupted ones resume
 (the trainer's contract), and a failed run is collected in the summary, not raised, so one
-bad run does not stop the others.
+bad run does not stop the others. A run that fails with an error a person fixes (`UserError`: a
+run another live process holds, a folder that is not a run's, a full disk) is summarised by its
+one-line message; any other failure by its traceback (a bug).
+
+Workers die with their launcher: each one stops gracefully (SIGTERM, raised as
+`sqs.training.signals.Terminated` at a safe point: a save in progress completes) as soon as its
+parent is gone, even after a `kill -9` of the parent (`signals.die_with_parent`), so no orphan keeps
+training, and holding, a run that the next launch wants.
 
 Parallelism: the models of the paper's grids are small (0.2 M parameters), too small for
 intra-op threads to pay off, and OpenMP threads of one process wait on each other whenever
@@ -33,8 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from sqs.io import append_jsonl
+from sqs.io import UserError, append_jsonl
 from sqs.training.rundir import is_complete
+from sqs.training.signals import Terminated, die_with_parent, graceful_sigterm
 
 #: run_one(spec, *, position: int, progress: bool) -> the run's final numbers (JSON-ready dict)
 RunOne = Callable[..., dict]
@@ -65,11 +74,12 @@ def default_workers() -> int:
 def launch(specs: Sequence[RunSpec], run_one: RunOne, *, workers: int = 1, threads: int = 1, progress: bool = True,
            run_bars: bool = True, desc: str = "runs", on_finish: Callable[[str, bool, Any], None] | None = None,
            prepare: Callable[[list[RunSpec]], None] | None = None, log: str | Path | None = None,
-           launcher: str | None = None) -> dict:
+           launcher: str | None = None, launcher_options: dict | None = None) -> dict:
     """Train every unfinished run of `specs`; return a summary ({"started", "n_runs", "n_skipped",
     "n_trained", "workers", "threads", "failed": [{"run", "error"}], "runs": {name: info}, "wall_s"}).
 
-    `launcher` names one of LAUNCHERS (default: `inline` for one worker, `processes` for more).
+    `launcher` names one of LAUNCHERS (default: `inline` for one worker, `processes` for more);
+    `launcher_options` are passed to it as keywords (the ray launcher's address, cpus_per_run, ...).
     `prepare(todo)` runs once before any worker starts (e.g. fetch a dataset the runs share);
     `on_finish(name, ok, info)` after each run (info: {"wall_s", **run_one's dict}, or the
     traceback of a failed run); `log` (a JSONL file) gets the summary without "runs" when
@@ -97,7 +107,8 @@ def launch(specs: Sequence[RunSpec], run_one: RunOne, *, workers: int = 1, threa
             bar.set_postfix_str(f"{name}: acc {acc:.4f} in {info['wall_s']:.0f}s" if acc is not None else name)
         else:
             summary["failed"].append({"run": name, "error": info})
-            tqdm.write(f"run {name} failed:\n{info}", file=sys.stderr)
+            sep = "\n" if "\n" in str(info) else " "  # a traceback below, a user error's one line beside
+            tqdm.write(f"run {name} failed:{sep}{info}", file=sys.stderr)
         bar.update(1)
         if on_finish is not None:
             on_finish(name, ok, info)
@@ -105,7 +116,9 @@ def launch(specs: Sequence[RunSpec], run_one: RunOne, *, workers: int = 1, threa
     try:
         if todo:
             name = launcher or ("inline" if workers == 1 else "processes")
-            LAUNCHERS[name](todo, run_one, workers, threads, run_bars and progress, finished)
+            summary["launcher"] = name
+            LAUNCHERS[name](todo, run_one, workers, threads, run_bars and progress, finished,
+                            **(launcher_options or {}))
     except BaseException:
         summary["interrupted"] = True
         raise
@@ -116,6 +129,14 @@ def launch(specs: Sequence[RunSpec], run_one: RunOne, *, workers: int = 1, threa
             Path(log).parent.mkdir(parents=True, exist_ok=True)
             append_jsonl(log, {k: v for k, v in summary.items() if k != "runs"})
     return summary
+
+
+def failure(err: BaseException) -> str:
+    """How a failed run is summarised: the one-line message of an error a person fixes (a run another
+    process holds names its PID), else the traceback (a bug)."""
+    if isinstance(err, UserError):
+        return " ".join(str(err).split())
+    return "".join(traceback.format_exception(type(err), err, err.__traceback__))
 
 
 def _timed(run_one: RunOne, spec: RunSpec, position: int, progress: bool) -> dict:
@@ -140,8 +161,8 @@ def inline(todo: Sequence[RunSpec], run_one: RunOne, workers: int, threads: int,
                 info = _timed(run_one, s, 1, run_bars)
             except (KeyboardInterrupt, SystemExit):
                 raise
-            except Exception:  # noqa: BLE001 - report it, go on with the next run
-                finished(s.name, False, traceback.format_exc())
+            except Exception as e:  # noqa: BLE001 - report it, go on with the next run
+                finished(s.name, False, failure(e))
                 continue
             finished(s.name, True, info)
     finally:
@@ -149,6 +170,17 @@ def inline(todo: Sequence[RunSpec], run_one: RunOne, workers: int, threads: int,
 
 
 def _worker_main(slot: int, threads: int, jobs, results, run_one: RunOne, run_bars: bool, parent: int) -> None:
+    die_with_parent(parent)  # a launcher killed with -9 leaves no worker training behind
+    with graceful_sigterm():  # SIGTERM (the launcher's terminate(), its death) stops at a safe point
+        try:
+            _work(slot, threads, jobs, results, run_one, run_bars, parent)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop; nothing half-written is left (the trainer's contract)
+            results.cancel_join_thread()  # do not wait to hand a message to a launcher that may be gone
+            return
+
+
+def _work(slot: int, threads: int, jobs, results, run_one: RunOne, run_bars: bool, parent: int) -> None:
+    """Take runs from `jobs` until the end marker (None), or until the launcher is gone."""
     import torch
 
     torch.set_num_threads(threads)
@@ -166,9 +198,9 @@ def _worker_main(slot: int, threads: int, jobs, results, run_one: RunOne, run_ba
         try:
             results.put(("done", i, slot, _timed(run_one, spec, slot + 1, run_bars)))
         except KeyboardInterrupt:
-            return
-        except BaseException:  # noqa: BLE001 - report it, go on with the next run
-            results.put(("error", i, slot, traceback.format_exc()))
+            raise
+        except BaseException as e:  # noqa: BLE001 - report it, go on with the next run
+            results.put(("error", i, slot, failure(e)))
 
 
 def processes(todo: Sequence[RunSpec], run_one: RunOne, workers: int, threads: int, run_bars: bool,
@@ -189,7 +221,8 @@ def processes(todo: Sequence[RunSpec], run_one: RunOne, workers: int, threads: i
     remaining = len(todo)
 
     def on_term(signum, frame):  # `kill PID` stops the workers too, as Ctrl-C does
-        raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop: a second SIGTERM must not cut the cleanup
+        raise Terminated("stopped by SIGTERM")
 
     old_term = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
     try:
@@ -225,5 +258,13 @@ def processes(todo: Sequence[RunSpec], run_one: RunOne, workers: int, threads: i
             q.cancel_join_thread()
 
 
-#: Where runs execute: name -> launcher(todo, run_one, workers, threads, run_bars, finished).
-LAUNCHERS: dict[str, Callable[..., None]] = {"inline": inline, "processes": processes}
+def ray(todo: Sequence[RunSpec], run_one: RunOne, workers: int, threads: int, run_bars: bool,
+        finished: Callable[[str, bool, Any], None], **options: Any) -> None:
+    """Each run a Ray task with declared resources, on a local Ray or a cluster (`sqs.runs.ray_launcher`)."""
+    from sqs.runs.ray_launcher import launch_ray
+
+    launch_ray(todo, run_one, workers, threads, run_bars, finished, **options)
+
+
+#: Where runs execute: name -> launcher(todo, run_one, workers, threads, run_bars, finished, **options).
+LAUNCHERS: dict[str, Callable[..., None]] = {"inline": inline, "processes": processes, "ray": ray}

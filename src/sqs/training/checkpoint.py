@@ -11,22 +11,32 @@ being trained on. A file is written to a temporary name, read back and verified,
 renamed into place; with `keep_previous` the file it replaces stays as
 `<name>.prev.safetensors` until then. Files from before this scheme (no hash) still load,
 with a one-time note. Tensors that are not finite are never written (`NonFiniteState`).
+
+What is called damage: only what an integrity check finds, a header safetensors cannot parse or a
+sha256 that does not match. An operating-system error (read-only, full disk, permission, quota, a
+path safetensors cannot encode) stays an OSError naming the file, and a save or read holds Ctrl-C
+and SIGTERM back until it ends (`sqs.training.signals.deferred_signals`), so an interruption is
+never mistaken for a damaged file.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from sqs.io import DataWarning, UserError, atomic_write
+from sqs.io import DataWarning, UserError, atomic_write, naming_errors
+from sqs.training.signals import deferred_signals
 
 HASH_KEY = "sqs_sha256"
 
@@ -83,16 +93,39 @@ def first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
+def os_error(err: SafetensorError, path: str | os.PathLike) -> OSError | None:
+    """The OSError inside a safetensors error (its I/O errors carry "(os error N)"; a path it
+    cannot encode says "not valid UTF-8"), naming `path`; None for a format error."""
+    text = str(err)
+    m = re.search(r"\(os error (\d+)\)", text)
+    if m:
+        n = int(m.group(1))
+        return OSError(n, os.strerror(n), os.fspath(path))
+    if "not valid UTF-8" in text:
+        return OSError(errno.EILSEQ, "the path is not valid UTF-8, which safetensors needs (name not encodable)",
+                       os.fspath(path))
+    return None
+
+
+def _open_error(err: SafetensorError, path: Path) -> Exception:
+    """What a safetensors error on `path` means: an OSError, or a header that does not parse (damage)."""
+    return os_error(err, path) or CheckpointCorrupt(
+        f"checkpoint {path} is not a valid safetensors file ({err}); it is not used; move it away "
+        "(or the run directory, to start over)")
+
+
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise CheckpointCorrupt(f"checkpoint {path} is not a readable safetensors file ({e}); "
-                                "move it away (or delete the run directory to start over)") from e
+    with deferred_signals(), naming_errors(path):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except SafetensorError as e:
+            raise _open_error(e, path) from e
+        except FileNotFoundError as e:  # gone since the check above
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), os.fspath(path)) from e
     return tensors, metadata
 
 
@@ -111,6 +144,12 @@ def _verify(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, st
     elif content_hash(tensors, meta_json) != stored:
         raise CheckpointCorrupt(f"checkpoint {path} is damaged: its content does not match its sha256 "
                                 "(bits changed on disk); it is not used")
+    return _parse_meta(meta_json, path)
+
+
+def _parse_meta(meta_json: str, path: str | Path) -> dict[str, Any]:
+    """The checkpoint's metadata (a JSON object in its header); CheckpointCorrupt, naming `path`, when
+    it does not parse: a header sqs wrote always does, so this is damage, not an unknown error."""
     try:
         meta = json.loads(meta_json)
     except json.JSONDecodeError as e:
@@ -123,7 +162,8 @@ def _verify(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, st
 def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read `path` completely and check its sha256; return its metadata (step, ...).
 
-    Raises CheckpointCorrupt naming the file on any mismatch or read error."""
+    Raises CheckpointCorrupt naming the file when its header does not parse or its sha256 does
+    not match; an OSError (naming it) when it cannot be read."""
     path = Path(path)
     return _verify(path, *_read(path))
 
@@ -144,27 +184,58 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     metadata = {"meta": meta_json, HASH_KEY: content_hash(tensors, meta_json)}
 
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as e:
+            raise (os_error(e, tmp) or e) from e
         verify_checkpoint(tmp)  # what is on disk reads back as what we meant to write
 
-    if keep_previous and path.exists():
-        prev = previous_path(path)
-        tmp_link = prev.with_name(f".{prev.name}.link")
+    with deferred_signals():  # a Ctrl-C or SIGTERM waits until the file is in place (or removed)
+        if keep_previous and path.exists():
+            _keep_as_previous(path)
+        return atomic_write(path, write)
+
+
+def _keep_as_previous(path: Path) -> None:
+    """Make `previous_path(path)` the file now at `path` (a hard link; a copy where links fail)."""
+    prev = previous_path(path)
+    tmp_link = prev.with_name(f".{prev.name}.link")
+    with naming_errors(prev, tmp_link):
         tmp_link.unlink(missing_ok=True)
         try:
-            os.link(path, tmp_link)  # cheap: the old file keeps its inode under the new name
-        except OSError:
-            import shutil
+            try:
+                os.link(path, tmp_link)  # cheap: the old file keeps its inode under the new name
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                    raise  # a copy would fail the same way
+                shutil.copy2(path, tmp_link)
+            os.replace(tmp_link, prev)
+        except BaseException:
+            tmp_link.unlink(missing_ok=True)
+            raise
 
-            shutil.copy2(path, tmp_link)
-        os.replace(tmp_link, prev)
-    return atomic_write(path, write)
+
+def header_metadata(path: str | Path) -> dict[str, str]:
+    """The safetensors metadata of `path` (its header only: nothing verified).
+
+    CheckpointCorrupt when the header does not parse, an OSError when the file cannot be read."""
+    path = Path(path)
+    with deferred_signals(), naming_errors(path):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return dict(f.metadata() or {})
+        except SafetensorError as e:
+            raise _open_error(e, path) from e
+        except FileNotFoundError as e:  # safetensors' own has no errno: give it one, naming the file
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), os.fspath(path)) from e
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
-    """The metadata of a checkpoint (step, ...), read from the header only: not verified."""
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads((f.metadata() or {}).get("meta", "{}"))
+    """The metadata of a checkpoint (step, ...), read from the header only: not verified.
+
+    CheckpointCorrupt when the header or the metadata does not parse, an OSError when the file
+    cannot be read."""
+    return _parse_meta(header_metadata(path).get("meta", "{}"), path)
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None

@@ -19,7 +19,9 @@ ends with the same numbers.
 Faults (docs/reliability.md): a damaged newest checkpoint is set aside and the previous
 one used; damaged metrics lines are set aside with the file, never truncated away; a
 second process on the same directory is refused; a non-finite loss or state stops the run
-with a message that says which checkpoint is good.
+with a message that says which checkpoint is good. A folder holding files sqs did not write is
+refused untouched, an OS error on the run's files is one line (`rundir.claimed`), and SIGTERM
+stops the run like Ctrl-C (`signals.Terminated`), a save in progress completing first.
 
 The experiment supplies a `Task`:
     task.batch(step, micro, rank, world) -> batch   (deterministic in its arguments)
@@ -58,19 +60,21 @@ from sqs.training.checkpoint import (
     read_meta,
     save_checkpoint,
 )
-from sqs.training.distributed import rank_world
+from sqs.training.distributed import rank_world, same_start
+from sqs.training.loggers import RunLoggers, grad_norm, saturation_probe
 from sqs.training.rundir import (
     CHECKPOINT,
     METRICS,
     MODEL,
-    RunLock,
     active_divergence,
+    claimed,
     change_hint,
     copy_aside,
     move_aside,
     prepare_run_dir,
     record_event,
 )
+from sqs.training.signals import graceful_sigterm
 
 
 class TrainingDiverged(RuntimeError):
@@ -230,8 +234,8 @@ def _resume_from(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.O
         if limit is not None:
             try:
                 step = int(read_meta(path).get("step", 0))
-            except Exception:
-                step = None
+            except (CheckpointCorrupt, TypeError, ValueError):
+                step = None  # damaged: load_checkpoint below says so and sets it aside
             if step is not None and step >= limit:
                 to = move_aside(path, "diverged")
                 _note(run_dir, f"{path.name} (step {step}) holds the weights that diverged at step {limit}; kept as "
@@ -303,7 +307,7 @@ def _diverged(run_dir: Path, what: str, step: int, ckpt_step: int | None, prev_s
 
 def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, config: dict | None = None,
           progress: bool = True, desc: str = "train", stop_after: int | None = None,
-          position: int | None = None, allow_changes: Iterable[str] = ()) -> list[dict]:
+          position: int | None = None, allow_changes: Iterable[str] = (), loggers: Iterable[str] = ()) -> list[dict]:
     """Train (or resume) a run; returns its metric records.
 
     `config` is the full experiment config stored in config.json (defaults to the
@@ -312,27 +316,27 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | P
     progress bar's line (tqdm's `position`), for several runs shown at once.
     `allow_changes` names settings (from ALLOWED_CHANGES: lr, min_lr, grad_clip) that may
     differ from the stored config on resume; each change is recorded in history.jsonl.
+    `loggers` names where the curves also go (`sqs.training.loggers.LOGGERS`: tensorboard, wandb;
+    metrics.jsonl is always written), opened by rank 0 for this session and continued on resume.
 
-    Rank 0 holds the run's lock (RunLocked if another process trains it) until it returns.
+    Rank 0 claims the run directory until it returns (`rundir.claimed`): the run's lock
+    (RunLocked if another process trains it), a folder holding files sqs did not write refused
+    untouched (NotOurs), every OS error on the run's files one RunFileError line. SIGTERM raises
+    `sqs.training.signals.Terminated` (a KeyboardInterrupt) unless the program handles it itself.
     """
     rank, world = rank_world()
-    run_dir = Path(run_dir)
     config = config if config is not None else {"train": asdict(cfg)}
-    lock = RunLock(run_dir) if rank == 0 else None
-    if lock is not None:
-        lock.acquire()
-    try:
+    with graceful_sigterm(), (claimed(run_dir) if rank == 0 else nullcontext(Path(run_dir))) as run_dir:
         if rank == 0:
             prepare_run_dir(run_dir, config, allow_changes=allow_changes)
         if world > 1:
             dist.barrier()
-        return _train(model, task, cfg, run_dir, config, progress, desc, stop_after, position, rank, world)
-    finally:
-        if lock is not None:
-            lock.release()
+        return _train(model, task, cfg, run_dir, config, progress, desc, stop_after, position, rank, world,
+                      tuple(loggers))
 
 
-def _train(model, task, cfg, run_dir: Path, config, progress, desc, stop_after, position, rank, world) -> list[dict]:
+def _train(model, task, cfg, run_dir: Path, config, progress, desc, stop_after, position, rank, world,
+           loggers=()) -> list[dict]:
     optimizer = make_optimizer(model, cfg)
     ckpt = run_dir / CHECKPOINT
     model_path = run_dir / MODEL
@@ -365,6 +369,8 @@ def _train(model, task, cfg, run_dir: Path, config, progress, desc, stop_after, 
     if meta is not None:
         start, run_loss, run_n = meta["step"], meta.get("run_loss", 0.0), meta.get("run_n", 0)
         elapsed = meta.get("elapsed", 0.0)
+    if world > 1:
+        same_start(start, run_dir)  # a node that does not share the run folder would start elsewhere
     ckpt_step = start if meta is not None else None
     # Weight growth since the start, per kept checkpoint: a NaN message must not call a blown-up checkpoint good.
     w_start = (meta or {}).get("w_start") or _max_abs(model) or 1.0
@@ -379,8 +385,8 @@ def _train(model, task, cfg, run_dir: Path, config, progress, desc, stop_after, 
             prev_step = int(prev_meta.get("step"))
             if prev_meta.get("w_max") is not None:
                 growth[prev_step] = float(prev_meta["w_max"]) / w_start
-        except Exception:
-            prev_step = None
+        except (CheckpointCorrupt, TypeError, ValueError):
+            prev_step = None  # not usable as a fallback: the NaN message will not offer it
     evals = cfg.eval_steps()
     records: list[dict] = []
     if rank == 0:
@@ -403,19 +409,25 @@ def _train(model, task, cfg, run_dir: Path, config, progress, desc, stop_after, 
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, unit="step", disable=not progress or rank != 0,
                dynamic_ncols=True, leave=False, position=position)
     t_interval, units_interval = time.perf_counter(), 0
+    out = RunLoggers(loggers, run_dir, config, start) if rank == 0 else RunLoggers((), run_dir, config, start)
+    last_norm: float | None = None  # the gradient norm of the step just taken (into the evaluation record)
 
     def log_eval(step: int, recomputed: bool = False) -> None:
         nonlocal run_loss, run_n, t_interval, units_interval, elapsed
         dt = time.perf_counter() - t_interval
         elapsed += dt
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), saturation_probe(model) as saturation:
             ev = task.evaluate(model)
         model.train()
         rec = {"step": step, task.unit: step * task.units_per_step, "lr": lr_at(cfg, max(0, step - 1)),
                "train_loss": (run_loss / run_n) if run_n else None, **ev,
                f"{task.unit}_per_s": (units_interval / dt) if units_interval and dt > 0 else None,
                "elapsed_s": elapsed}
+        if step > start and last_norm is not None:
+            rec["grad_norm"] = last_norm
+        if saturation:
+            rec["saturation"] = saturation
         f = cfg.fraction_at(step)
         if f is not None:
             rec["fraction"] = f
@@ -425,6 +437,7 @@ def _train(model, task, cfg, run_dir: Path, config, progress, desc, stop_after, 
             rec["recomputed"] = True  # evaluated again from the checkpoint (its record was lost)
         records.append(rec)
         append_jsonl(run_dir / METRICS, rec)
+        out.evaluation(step, rec, ev, task.unit)
         run_loss, run_n, units_interval = 0.0, 0, 0
         t_interval = time.perf_counter()
 
@@ -466,13 +479,18 @@ def _train(model, task, cfg, run_dir: Path, config, progress, desc, stop_after, 
                     raise _diverged(run_dir, f"loss became {mean_loss}", step, ckpt_step, prev_step, cfg.grad_clip,
                                     growth)
                 raise TrainingDiverged(f"loss became {mean_loss} at step {step} in {run_dir}", step=step)
+            done = step + 1
+            want_norm = out.active or done in evals  # read only when logged (a float() waits for the GPU)
             if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            else:
+                norm = grad_norm(model) if want_norm else None
+            last_norm = float(norm) if want_norm else None
             optimizer.step()
             run_loss += mean_loss
             run_n += 1
             units_interval += task.units_per_step
-            done = step + 1
+            out.step(done, mean_loss, lr, last_norm)
             bar.update(1)
             if done % 10 == 0 or done == cfg.steps:
                 bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
@@ -488,6 +506,7 @@ def _train(model, task, cfg, run_dir: Path, config, progress, desc, stop_after, 
             save_checkpoint(model_path, model, None, {"step": cfg.steps, "config": config})
     finally:
         bar.close()
+        out.close()
     if world > 1:
         dist.barrier()
     return records
