@@ -11,6 +11,7 @@ same init and data seeds (`sqs.interp.agreement`).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from sqs.experiments.style import say
 from sqs.interp.spectra import decompose, fidelity, model_logits
 from sqs.io import write_json
 from sqs.runs.image_pipeline import load_data, load_image_model
+from sqs.runs.pool import map_single_threaded
 from sqs.stats import mean_std
 from sqs.training.rundir import FRONTIER_ANALYSIS, MODEL, is_complete, read_metrics, write_run_json
 
@@ -157,10 +159,6 @@ def _analyse_job(spec, grid, runs_dir, cache_dir):
     return cached_analysis(spec, grid, runs_dir, get)
 
 
-def _init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
-
-
 def collect(runs_dir: str | Path, grid: Grid, epochs: float | None = None, overrides=(), cache_dir=None,
             workers: int = 1) -> list:
     """[(spec, analysis or None)] for every run of the grid; analyses cached in the run dirs.
@@ -168,22 +166,15 @@ def collect(runs_dir: str | Path, grid: Grid, epochs: float | None = None, overr
     (the least-squares reading takes about a minute per run)."""
     specs = plan_frontier(runs_dir, grid, epochs=epochs, overrides=overrides)
     todo = [s for s in specs if is_complete(s.run_dir)]
-    results: dict[Path, dict | None] = {}
-    if workers > 1 and len(todo) > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                 initargs=(1,)) as pool:
-            futs = {pool.submit(_analyse_job, s, grid, runs_dir, cache_dir): s for s in todo}
-            for i, f in enumerate(as_completed(futs)):
-                results[futs[f].run_dir] = f.result()
-                say(f"[frontier] analysed {futs[f].name} ({i + 1}/{len(todo)})")
-    else:
-        for i, s in enumerate(todo):
-            if not (s.run_dir / FRONTIER_ANALYSIS).exists():
-                say(f"[frontier] analysing {s.name} ({i + 1}/{len(todo)})")
-            results[s.run_dir] = _analyse_job(s, grid, runs_dir, cache_dir)
+    def starting(i, s):
+        if not (s.run_dir / FRONTIER_ANALYSIS).exists():
+            say(f"[frontier] analysing {s.name} ({i + 1}/{len(todo)})")
+
+    found = map_single_threaded(functools.partial(_analyse_job, grid=grid, runs_dir=runs_dir, cache_dir=cache_dir),
+                                todo, workers, starting=starting,
+                                finished=lambda i, s: say(f"[frontier] analysed {s.name} ({i + 1}/{len(todo)})"))
+    results = {s.run_dir: r for s, r in zip(todo, found)}
     return [(s, results.get(s.run_dir)) for s in specs]
 
 

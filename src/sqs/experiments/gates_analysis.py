@@ -22,6 +22,7 @@ seed), for the grid's tokens.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ from sqs.interp.compare import compare_read, summary_brief
 from sqs.interp.image_stack import read_model
 from sqs.interp.lm_quadratic import direction_matrices, glu_weights, layer_inputs, lm_reading_fidelity, token_agreement
 from sqs.runs.image_pipeline import load_data, load_image_model
+from sqs.runs.pool import map_single_threaded
 from sqs.training.rundir import GATES_ANALYSIS, MODEL, is_complete, read_metrics, write_run_json
 
 #: Bump when the analysis changes: every cached analysis is recomputed.
@@ -236,29 +238,20 @@ def analyse_job(spec: GateRun, specs: list[GateRun], grid: GatesGrid, cache_dir=
     return cached_analysis(spec, specs, grid, get, cache_dir=cache_dir)
 
 
-def _init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
-
-
 def collect(specs: list[GateRun], grid: GatesGrid, cache_dir=None, workers: int = 1, say=None) -> list:
     """[(spec, analysis or None)] for every run; analyses cached in the run directories. `workers` > 1
     analyses the runs without a current cache in that many single-threaded processes."""
     todo = [s for s in specs if is_complete(s.run_dir)]
-    results: dict[Path, dict | None] = {}
-    if workers > 1 and len(todo) > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                 initargs=(1,)) as pool:
-            futs = {pool.submit(analyse_job, s, specs, grid, cache_dir): s for s in todo}
-            for i, f in enumerate(as_completed(futs)):
-                results[futs[f].run_dir] = f.result()
-                if say:
-                    say(f"[gates] analysed {futs[f].name} ({i + 1}/{len(todo)})")
-    else:
-        for i, s in enumerate(todo):
-            if say and not (s.run_dir / GATES_ANALYSIS).exists():
-                say(f"[gates] analysing {s.name} ({i + 1}/{len(todo)})")
-            results[s.run_dir] = analyse_job(s, specs, grid, cache_dir)
+    def starting(i, s):
+        if say and not (s.run_dir / GATES_ANALYSIS).exists():
+            say(f"[gates] analysing {s.name} ({i + 1}/{len(todo)})")
+
+    def finished(i, s):
+        if say:
+            say(f"[gates] analysed {s.name} ({i + 1}/{len(todo)})")
+
+    found = map_single_threaded(functools.partial(analyse_job, specs=specs, grid=grid, cache_dir=cache_dir), todo,
+                                workers, starting=starting, finished=finished)
+    results = {s.run_dir: r for s, r in zip(todo, found)}
     return [(s, results.get(s.run_dir)) for s in specs]

@@ -131,6 +131,37 @@ def launch(specs: Sequence[RunSpec], run_one: RunOne, *, workers: int = 1, threa
     return summary
 
 
+def _one_thread() -> None:
+    import torch
+    torch.set_num_threads(1)
+
+
+def map_single_threaded(fn: Callable[[Any], Any], items: Sequence[Any], workers: int = 1,
+                        starting: Callable[[int, Any], None] | None = None,
+                        finished: Callable[[int, Any], None] | None = None) -> list:
+    """[fn(item) for item in items], in order: inline (`starting(i, item)` before each), or, with
+    `workers` > 1 and more than one item, in that many spawned single-threaded processes
+    (`finished(i, item)` as each completes; fn and the items must pickle). For per-run analyses,
+    whose cost is one core each: threads would only contend."""
+    if workers > 1 and len(items) > 1:
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        out: list = [None] * len(items)
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_one_thread) as pool:
+            futs = {pool.submit(fn, item): k for k, item in enumerate(items)}
+            for i, f in enumerate(as_completed(futs)):
+                out[futs[f]] = f.result()
+                if finished:
+                    finished(i, items[futs[f]])
+        return out
+    out = []
+    for i, item in enumerate(items):
+        if starting:
+            starting(i, item)
+        out.append(fn(item))
+    return out
+
+
 def failure(err: BaseException) -> str:
     """How a failed run is summarised: the one-line message of an error a person fixes (a run another
     process holds names its PID), else the traceback (a bug)."""
